@@ -1,0 +1,16 @@
+"""EigenGuard: train image classifiers on data that may carry a backdoor.
+
+The defense is one layer, :class:`EigenGuard`, dropped into any model::
+
+    import eigenguard
+    model = eigenguard.create_model("preact_resnet18", in_channels=1, num_classes=10, width=16)
+    eigenguard.guard(model, after="layer2", k=32)
+
+The rest of the package is the benchmark that measures it: data sets, attacks, defenses, one
+training loop, evaluation protocols and a result store.
+"""
+from .layer import EigenGuard, find_guards, filter_weights, guard, spectral_filter
+
+__version__ = "0.1.0"
+
+__all__ = ["EigenGuard", "spectral_filter", "filter_weights", "guard", "find_guards", "__version__"]

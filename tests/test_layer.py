@@ -1,0 +1,193 @@
+"""The spectral filter against its SVD definition, its edge cases, and guard() insertion."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from eigenguard.layer import EigenGuard, filter_weights, find_guards, guard, spectral_filter
+
+
+def svd_definition(features, k, tail_scale=1e-3, scale="kth", rank_rtol=1e-5):
+    """F' = U Σ' Vᵀ straight from the SVD of F (the slow reference)."""
+    flat = features.reshape(features.shape[0], -1).double()
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    rank = int((s > s[0] * rank_rtol).sum()) if s.numel() else 0
+    k_eff = min(k, rank)
+    new = s * tail_scale
+    if k_eff:
+        common = s[k_eff - 1] if scale == "kth" else s[:k_eff].mean()
+        new[:k_eff] = common
+    return ((u * new) @ vh).reshape(features.shape)
+
+
+def low_rank(b, d, rank, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, rank, generator=g) @ torch.randn(rank, d, generator=g)
+
+
+@pytest.mark.parametrize("b,d,k", [(128, 300, 32), (64, 1000, 10), (20, 15, 4), (128, 6272, 32)])
+@pytest.mark.parametrize("scale", ["kth", "mean"])
+def test_matches_svd_definition_on_random_features(b, d, k, scale):
+    x = torch.randn(b, d, generator=torch.Generator().manual_seed(b + d), dtype=torch.float64)
+    out = spectral_filter(x, k, scale=scale)
+    ref = svd_definition(x, k, scale=scale)
+    assert torch.allclose(out, ref, rtol=1e-8, atol=1e-9 * ref.abs().max())
+
+
+@pytest.mark.parametrize("tail_scale", [0.0, 1e-3, 0.1, 1.0])
+def test_matches_svd_definition_on_rank_deficient_features(tail_scale):
+    x = low_rank(100, 500, rank=7)
+    out = spectral_filter(x, 16, tail_scale=tail_scale)  # k > rank: k_eff = 7
+    ref = svd_definition(x, 16, tail_scale=tail_scale)
+    assert torch.allclose(out, ref.float(), atol=1e-4 * ref.abs().max().item())
+
+
+def test_conv_features_keep_shape_and_dtype():
+    x = torch.randn(16, 4, 5, 5)
+    out = spectral_filter(x, 3)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.allclose(out, svd_definition(x, 3).float(), atol=1e-4)
+
+
+def test_top_k_share_one_scale_and_tail_is_damped():
+    x = torch.randn(64, 200, dtype=torch.float64)
+    s = torch.linalg.svdvals(x)
+    s_out = torch.linalg.svdvals(spectral_filter(x, 8, tail_scale=1e-3))
+    assert torch.allclose(s_out[:8], s[7].expand(8), rtol=1e-9)
+    assert torch.allclose(s_out[8:], s[8:] * 1e-3, rtol=1e-6)
+
+
+def test_batch_of_one_passes_unchanged():
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.allclose(spectral_filter(x, 32), x, rtol=1e-6, atol=0)
+
+
+def test_batch_smaller_than_k_keeps_its_own_spectrum_scale():
+    x = torch.randn(5, 100, dtype=torch.float64)  # rank 5 < k = 32: all five forced to σ_5
+    s = torch.linalg.svdvals(x)
+    s_out = torch.linalg.svdvals(spectral_filter(x, 32))
+    assert torch.allclose(s_out, s[4].expand(5), rtol=1e-9)
+
+
+def test_duplicated_rows_and_zero_input():
+    row = torch.randn(1, 50)
+    dup = row.repeat(10, 1)  # rank 1: a single direction, forced to its own scale = unchanged
+    assert torch.allclose(spectral_filter(dup, 4), dup, atol=1e-5)
+    zeros = torch.zeros(8, 50)
+    out = spectral_filter(zeros, 4)
+    assert torch.equal(out, zeros)
+
+
+def test_partial_last_batch_is_filtered_on_its_own():
+    x = torch.randn(37, 64, dtype=torch.float64)
+    assert torch.allclose(spectral_filter(x, 32), svd_definition(x, 32), atol=1e-10)
+
+
+def test_filter_weights_is_batched():
+    x = torch.randn(3, 10, 40, dtype=torch.float64)
+    grams = x @ x.transpose(1, 2)
+    weights = filter_weights(grams, 4)
+    for i in range(3):
+        assert torch.allclose(weights[i] @ x[i], svd_definition(x[i], 4), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_output_dtype_equals_input_dtype(dtype):
+    x = torch.randn(16, 32).to(dtype)
+    out = spectral_filter(x, 4)
+    assert out.dtype == dtype
+    ref = svd_definition(x.double(), 4)
+    assert torch.allclose(out.double(), ref, atol=0.05 * ref.abs().max().item())
+
+
+def test_gradient_flows_through_features_with_constant_filter():
+    x = torch.randn(12, 30, dtype=torch.float64, requires_grad=True)
+    out = spectral_filter(x, 3)
+    weights = filter_weights(x.detach() @ x.detach().T, 3)
+    upstream = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert torch.allclose(grad, weights.T @ upstream)
+
+
+@pytest.mark.parametrize("bad_k", [0, -3, 2.5, "8", True, None])
+def test_bad_k_is_refused_with_a_clear_message(bad_k):
+    with pytest.raises((ValueError, TypeError), match="k must be"):
+        EigenGuard(k=bad_k)
+    with pytest.raises((ValueError, TypeError), match="k must be"):
+        spectral_filter(torch.randn(4, 4), bad_k)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="tail_scale"):
+        EigenGuard(tail_scale=-1)
+    with pytest.raises(ValueError, match="tail_scale"):
+        EigenGuard(tail_scale=float("nan"))
+    with pytest.raises(ValueError, match="scale"):
+        EigenGuard(scale="median")
+    with pytest.raises(ValueError, match="eval_mode"):
+        EigenGuard(eval_mode="sometimes")
+
+
+def test_nan_features_raise_a_clear_error():
+    x = torch.randn(8, 10)
+    x[3, 2] = math.nan
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        spectral_filter(x, 2)
+
+
+def test_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match="batch"):
+        spectral_filter(torch.randn(10), 2)
+
+
+def test_eval_modes():
+    layer = EigenGuard(k=2, eval_mode="identity").eval()
+    x = torch.randn(8, 20)
+    assert torch.equal(layer(x), x)
+    layer.train()
+    assert not torch.allclose(layer(x), x)
+    batch_layer = EigenGuard(k=2).eval()
+    assert torch.allclose(batch_layer(x), spectral_filter(x, 2))
+    assert "k=2" in repr(batch_layer) and "eval_mode='batch'" in repr(batch_layer)
+
+
+class TwoStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).flatten(1))
+
+
+def test_guard_inserts_after_a_named_module_and_keeps_state_dict_names():
+    torch.manual_seed(0)
+    model = TwoStage()
+    plain = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    layer = guard(model, after="stem", k=2)
+    assert set(model.state_dict()) == keys
+    assert find_guards(model) == [("stem_eigenguard", layer)]
+    x = torch.randn(10, 1, 6, 6)
+    expected = plain.head(plain.body(spectral_filter(plain.stem(x), 2)).flatten(1))
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    # the guarded model reloads an unguarded checkpoint and deep-copies with its own layer
+    model.load_state_dict(plain.state_dict())
+    clone = copy.deepcopy(model)
+    assert torch.allclose(clone(x), model(x))
+    assert find_guards(clone)[0][1] is not layer
+
+
+def test_guard_accepts_dotted_paths_and_several_layers():
+    model = TwoStage()
+    guard(model, after="stem", k=2)
+    guard(model, after="body.1", k=3)
+    assert {name for name, _ in find_guards(model)} == {"stem_eigenguard", "body.1_eigenguard"}
+    with pytest.raises(ValueError, match="already"):
+        guard(model, after="stem")
+    with pytest.raises(ValueError, match="no such module"):
+        guard(model, after="layer9")
