@@ -142,6 +142,10 @@ class EigenGuard(nn.Module):
         return dict(k=self.k, tail_scale=self.tail_scale, scale=self.scale, grad=self.grad,
                     eval_mode=self.eval_mode, rank_rtol=self.rank_rtol)
 
+    def weights_from_gram(self, gram: torch.Tensor) -> torch.Tensor:
+        """The filter matrix P (F' = P F) for Gram matrices batched over leading dims."""
+        return filter_weights(gram, self.k, self.tail_scale, self.scale, self.rank_rtol)
+
     def filter(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the filter to a batch, whatever the train/eval state."""
         return spectral_filter(features, self.k, self.tail_scale, self.scale, self.rank_rtol)

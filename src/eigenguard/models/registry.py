@@ -19,7 +19,9 @@ _REGISTRY: dict[str, ModelFactory] = {}
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator that files a factory under ``name``.
 
-    A factory is called as ``factory(in_channels=..., num_classes=..., width=..., **kwargs)``.
+    A factory is called as ``factory(in_channels=..., num_classes=..., **kwargs)``, with
+    ``width=...`` among the keyword arguments when the caller chose one; its own
+    default for ``width`` is the architecture's standard width.
     Registering a taken name replaces the old factory but warns, because a silent
     overwrite usually means two modules picked the same name by accident.
     """
@@ -54,14 +56,17 @@ def create_model(
     *,
     in_channels: int = 3,
     num_classes: int = 10,
-    width: int = 64,
+    width: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the registered model ``name``.
 
     ``width`` is the channel count of the first stage; each architecture documents
-    how later stages scale from it. Raises :class:`UnknownNameError` with the known
-    names and close matches when ``name`` is not registered.
+    how later stages scale from it. ``None`` means the architecture's standard
+    width (64 for the ResNets and VGG, 32 for MobileNetV2, whose standard stem is
+    32 channels), so ``create_model("mobilenetv2")`` is the standard network.
+    Raises :class:`UnknownNameError` with the known names and close matches when
+    ``name`` is not registered.
     """
     try:
         factory = _REGISTRY[name]
@@ -72,9 +77,11 @@ def create_model(
         raise UnknownNameError(
             f"unknown model {name!r}.{hint} Known models: {', '.join(known) or '(none)'}."
         ) from None
-    if in_channels < 1 or num_classes < 1 or width < 1:
+    if in_channels < 1 or num_classes < 1 or (width is not None and width < 1):
         raise ValueError(
             "in_channels, num_classes and width must all be positive, got "
             f"in_channels={in_channels}, num_classes={num_classes}, width={width}"
         )
-    return factory(in_channels=in_channels, num_classes=num_classes, width=width, **kwargs)
+    if width is not None:
+        kwargs["width"] = width
+    return factory(in_channels=in_channels, num_classes=num_classes, **kwargs)

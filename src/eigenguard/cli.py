@@ -1,0 +1,178 @@
+"""Command line: ``eigenguard run | evaluate | report | list``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from . import __version__
+from .attacks import list_attacks
+from .data import list_datasets
+from .defenses import list_defenses
+from .errors import EigenGuardError
+from .evaluate import PROTOCOLS
+from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
+from .models import list_models
+from .report import format_table, result_rows
+from .store import ResultStore, default_store_path
+from .train import SCHEDULES, TrainConfig
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _add_common(parser):
+    parser.add_argument("--store", default=None,
+                        help=f"result store (default $EIGENGUARD_STORE or {default_store_path()})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default auto)")
+    parser.add_argument("--data-root", default=None, help="folder holding the data set's files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_run_arguments(parser):
+    defaults = RunConfig()
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="fast",
+                        help="fast: width 16, 4 epochs, one-cycle lr 0.05 (CPU); backdoorbench: "
+                             "width 64, 100 epochs, SGD lr 0.01 cosine (GPU). Flags override it.")
+    parser.add_argument("--dataset", default=defaults.dataset, choices=list_datasets())
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--attack", default=defaults.attack)
+    parser.add_argument("--poison-ratio", type=float, default=defaults.poison_ratio)
+    parser.add_argument("--target", type=int, default=defaults.target)
+    parser.add_argument("--defense", default=defaults.defense)
+    parser.add_argument("--k", type=int, help="EigenGuard: dominant directions (default 32)")
+    parser.add_argument("--tail-scale", type=float, help="EigenGuard: tail factor (default 1e-3)")
+    parser.add_argument("--scale", choices=("kth", "mean"), help="EigenGuard: common scale")
+    parser.add_argument("--after", help="EigenGuard: module to insert it after (default layer2)")
+    parser.add_argument("--eval-mode", choices=("batch", "identity"),
+                        help="EigenGuard at evaluation time (default batch)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--schedule", choices=SCHEDULES)
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--train-size", type=int, help="train on a seeded random subset")
+    parser.add_argument("--test-size", type=int, help="evaluate on a seeded random subset")
+    parser.add_argument("--force", action="store_true", help="rerun even if the store has it")
+
+
+def config_from_args(args) -> RunConfig:
+    preset = dict(PRESETS[args.preset])
+    train = dataclasses.asdict(preset.pop("train", TrainConfig()))
+    for name in ("epochs", "batch_size", "lr", "schedule"):
+        if getattr(args, name) is not None:
+            train[name] = getattr(args, name)
+    if args.no_augment:
+        train["augment"] = False
+    defense_settings = {}
+    if args.defense == "eigenguard":
+        for name in ("k", "tail_scale", "scale", "after", "eval_mode"):
+            if getattr(args, name) is not None:
+                defense_settings[name] = getattr(args, name)
+    elif any(getattr(args, n) is not None for n in ("k", "tail_scale", "scale", "after")):
+        raise EigenGuardError("--k, --tail-scale, --scale and --after set EigenGuard; add "
+                              "--defense eigenguard")
+    width = args.width if args.width is not None else preset.pop("width", RunConfig.width)
+    preset.pop("width", None)
+    return RunConfig(dataset=args.dataset, model=args.model, width=width, attack=args.attack,
+                     poison_ratio=args.poison_ratio, target=args.target, defense=args.defense,
+                     defense_settings=defense_settings, train=TrainConfig(**train),
+                     seed=args.seed, train_size=args.train_size, test_size=args.test_size,
+                     **preset)
+
+
+def cmd_run(args) -> int:
+    config = config_from_args(args)
+    store = ResultStore(args.store)
+    result = run(config, store, device=_device(args.device), data_root=args.data_root,
+                 force=args.force, progress=not args.quiet)
+    if result.cached:
+        print(f"[{result.key}] already in {store.path}; stored result (use --force to rerun):")
+    else:
+        print(f"[{result.key}] finished in {result.wall_seconds:.0f}s, stored in {store.path}")
+    print(format_table(result_rows(store, [result.key])))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    store = ResultStore(args.store)
+    matches = store.find_runs(args.run)
+    finished = [r for r in matches if r.status == "finished"]
+    if len(finished) != 1:
+        raise EigenGuardError(f"--run {args.run!r} matches {len(finished)} finished runs; give "
+                              "a longer key prefix (see `eigenguard report`)")
+    stored = finished[0]
+    config = RunConfig.from_dict(stored.config)
+    _, test_set = load_data(config, args.data_root)
+    model = load_run_model(stored, test_set)
+    protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    evaluate_and_store(store, stored.key, config, model, test_set, protocols,
+                       device=_device(args.device), progress=not args.quiet,
+                       eval_seed=args.eval_seed)
+    print(format_table(result_rows(store, [stored.key])))
+    return 0
+
+
+def cmd_report(args) -> int:
+    store = ResultStore(args.store)
+    keys = [r.key for r in store.find_runs(args.run)] if args.run else None
+    if keys == []:
+        print(f"no run key starts with {args.run!r}")
+        return 1
+    print(format_table(result_rows(store, keys), markdown=args.markdown))
+    return 0
+
+
+def cmd_list(args) -> int:
+    for title, names in (("data sets", list_datasets()), ("models", list_models()),
+                         ("attacks", list_attacks()), ("defenses", list_defenses()),
+                         ("protocols", list(PROTOCOLS))):
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eigenguard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"eigenguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("run", help="poison, train (with a defense), evaluate, store")
+    _add_run_arguments(p)
+    _add_common(p)
+    p.set_defaults(handler=cmd_run)
+    p = commands.add_parser("evaluate", help="evaluate a stored run's checkpoint again")
+    p.add_argument("--run", required=True, help="run key or a unique prefix of it")
+    p.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default="all")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the mixed batches")
+    _add_common(p)
+    p.set_defaults(handler=cmd_evaluate)
+    p = commands.add_parser("report", help="print the stored runs as a table")
+    p.add_argument("--run", default=None, help="only runs whose key starts with this")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--store", default=None)
+    p.set_defaults(handler=cmd_report)
+    p = commands.add_parser("list", help="data sets, models, attacks, defenses, protocols")
+    p.set_defaults(handler=cmd_list)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished runs stay in the store", file=sys.stderr)
+        return 130
+    except (EigenGuardError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"eigenguard: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""EigenGuard as a defense: insert the layer, then train end to end on the poisoned set as usual."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layer import EigenGuard, guard
+from .base import Defense, DefenseContext
+from .registry import register_defense
+
+
+@register_defense("eigenguard")
+@dataclass
+class EigenGuardDefense(Defense):
+    """Layer settings (see :class:`eigenguard.EigenGuard`) plus where the layer goes."""
+
+    k: int = 32
+    tail_scale: float = 1e-3
+    scale: str = "kth"
+    after: str = "layer2"
+    grad: str = "detach"
+    eval_mode: str = "batch"
+
+    def __post_init__(self):
+        self.layer_settings()  # validate now, not after the data set has loaded
+
+    def layer_settings(self) -> dict:
+        settings = dict(k=self.k, tail_scale=self.tail_scale, scale=self.scale, grad=self.grad,
+                        eval_mode=self.eval_mode)
+        EigenGuard(**settings)
+        return settings
+
+    def prepare_model(self, model):
+        guard(model, after=self.after, **self.layer_settings())
+        return model
+
+    def defend(self, context: DefenseContext):
+        model = self.prepare_model(context.build_model())
+        context.history.extend(context.train_model(model, context.poisoned.data))
+        return model

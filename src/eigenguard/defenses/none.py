@@ -1,0 +1,16 @@
+"""No defense: train on the poisoned set as given (the undefended baseline)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Defense, DefenseContext
+from .registry import register_defense
+
+
+@register_defense("none")
+@dataclass
+class NoDefense(Defense):
+    def defend(self, context: DefenseContext):
+        model = context.build_model()
+        context.history.extend(context.train_model(model, context.poisoned.data))
+        return model

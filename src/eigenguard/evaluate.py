@@ -1,0 +1,225 @@
+"""ACC, ASR, RA and DER, and the evaluation protocols that batch-dependent models need.
+
+A model containing EigenGuard filters each batch, so a test prediction depends on the rest of its
+batch. The protocol is therefore part of every result:
+
+- ``triggered``: triggered test images in fixed order, batches of 128, partial last batch kept
+  (the usual benchmark protocol; every batch is fully triggered);
+- ``mixed``: each triggered image inside a batch with 127 clean test images drawn with a fixed seed,
+  its own clean original excluded; only its prediction counts;
+- ``single``: batches of one.
+
+ACC is measured on clean test batches of the protocol's batch size (128 for ``triggered`` and
+``mixed``, whose clean batches are the same, 1 for ``single``). Models without EigenGuard do not
+depend on their batch; they are evaluated under ``triggered`` only.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .attacks import Attack
+from .data import ImageSet
+from .layer import EigenGuard, find_guards
+from .progress import Progress
+from .train import model_input
+
+PROTOCOLS = ("triggered", "mixed", "single")
+MIXED_COMPANIONS = 127
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    protocol: str
+    batch_size: int
+    acc: float
+    asr: float
+    ra: float
+    n_clean: int
+    n_triggered: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def der(acc_undefended: float, asr_undefended: float, acc_defended: float,
+        asr_defended: float) -> float:
+    """Defense effectiveness rating (BackdoorBench): [max(0, ΔASR) − max(0, ΔACC) + 1] / 2."""
+    return (max(0.0, asr_undefended - asr_defended) - max(0.0, acc_undefended - acc_defended)
+            + 1) / 2
+
+
+def protocols_for(model: nn.Module) -> tuple[str, ...]:
+    """Every protocol for a batch-dependent model, the standard one otherwise."""
+    return PROTOCOLS if find_guards(model) else ("triggered",)
+
+
+@dataclass(frozen=True, eq=False)
+class TriggeredTestSet:
+    """Test images whose true class is not the target, with the trigger added."""
+
+    images: torch.Tensor
+    labels: torch.Tensor  # true classes
+    source_indices: torch.Tensor  # positions of the clean originals in the test set
+    target: int
+
+
+def triggered_test_set(test: ImageSet, attack: Attack, target: int) -> TriggeredTestSet:
+    source = (test.labels != target).nonzero().flatten()
+    return TriggeredTestSet(attack.apply(test.images[source]), test.labels[source], source, target)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, data: ImageSet, batch_size: int = 128,
+            device: str | torch.device = "cpu") -> torch.Tensor:
+    """Class predictions for a uint8 image tensor, in fixed order, partial last batch kept."""
+    model.eval().to(device)
+    out = [model(model_input(images[i:i + batch_size].to(device), data)).argmax(1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+@contextmanager
+def guards_as_identity(model: nn.Module):
+    """Evaluate as if every batch had one image: the filter then leaves features unchanged."""
+    guards = [layer for _, layer in find_guards(model)]
+    saved = [layer.eval_mode for layer in guards]
+    for layer in guards:
+        layer.eval_mode = "identity"
+    try:
+        yield
+    finally:
+        for layer, mode in zip(guards, saved):
+            layer.eval_mode = mode
+
+
+def evaluate(model: nn.Module, test: ImageSet, attack: Attack, target: int,
+             protocol: str = "triggered", *, batch_size: int = 128, seed: int = 0,
+             device: str | torch.device = "cpu", progress: bool = True) -> Evaluation:
+    """Measure ACC on the clean test set and ASR / RA on its triggered non-target images."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}; choose from {PROTOCOLS}")
+    triggered = triggered_test_set(test, attack, target)
+    if protocol == "single":
+        batch_size = 1
+        with guards_as_identity(model):  # B = 1 passes the filter unchanged (tested)
+            clean_pred = predict(model, test.images, test, 256, device)
+            trig_pred = predict(model, triggered.images, test, 256, device)
+    else:
+        clean_pred = predict(model, test.images, test, batch_size, device)
+        if protocol == "triggered":
+            trig_pred = predict(model, triggered.images, test, batch_size, device)
+        else:
+            trig_pred = mixed_predictions(model, test, triggered, seed=seed, device=device,
+                                          progress=progress)
+    acc = (clean_pred == test.labels).double().mean().item()
+    asr = (trig_pred == target).double().mean().item()
+    ra = (trig_pred == triggered.labels).double().mean().item()
+    return Evaluation(protocol, batch_size, acc, asr, ra, len(test), len(triggered.labels))
+
+
+def mixed_companions(triggered: TriggeredTestSet, test_size: int, seed: int,
+                     count: int = MIXED_COMPANIONS) -> torch.Tensor:
+    """(M, count) clean test indices for each triggered image, its own original excluded."""
+    if test_size - 1 < count:
+        raise ValueError(f"the mixed protocol needs {count + 1} test images, got {test_size}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for source in triggered.source_indices.tolist():
+        draw = torch.randperm(test_size - 1, generator=generator)[:count]
+        rows.append(draw + (draw >= source).long())
+    return torch.stack(rows) if rows else torch.empty(0, count, dtype=torch.int64)
+
+
+@torch.no_grad()
+def naive_mixed_predictions(model, test: ImageSet, triggered: TriggeredTestSet,
+                            companions: torch.Tensor, device="cpu") -> torch.Tensor:
+    """The mixed protocol by its definition: one full batch per triggered image (slow)."""
+    model.eval().to(device)
+    preds = []
+    for i in range(len(triggered.labels)):
+        batch = torch.cat([test.images[companions[i]], triggered.images[i:i + 1]])
+        preds.append(model(model_input(batch.to(device), test))[-1].argmax().cpu())
+    return torch.stack(preds) if preds else torch.empty(0, dtype=torch.int64)
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the guard's input has been read."""
+
+
+@torch.no_grad()
+def _features_before(model, layer: EigenGuard, images, data, batch_size, device) -> torch.Tensor:
+    captured = []
+
+    def capture(module, args):
+        captured.append(args[0].detach())
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(capture)
+    try:
+        for i in range(0, len(images), batch_size):
+            try:
+                model(model_input(images[i:i + batch_size].to(device), data))
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+@contextmanager
+def _guard_output(layer: EigenGuard, features: torch.Tensor):
+    """Make ``layer`` return ``features`` instead of filtering its input."""
+    saved = layer.eval_mode
+    layer.eval_mode = "identity"
+    handle = layer.register_forward_hook(lambda module, args, output: features)
+    try:
+        yield
+    finally:
+        handle.remove()
+        layer.eval_mode = saved
+
+
+@torch.no_grad()
+def mixed_predictions(model: nn.Module, test: ImageSet, triggered: TriggeredTestSet, *,
+                      seed: int = 0, chunk: int = 32, device="cpu",
+                      progress: bool = True) -> torch.Tensor:
+    """The mixed protocol computed once per image, not once per batch.
+
+    Features before the guard are computed once for the clean and triggered images; for each
+    triggered image the 128 × 128 Gram matrix of its batch gives the filter matrix P, and only P's
+    row for that image is applied, F'_i = P_i F. The rest of the network then runs on F'_i alone
+    (evaluation-mode layers after the guard treat samples independently). Equal to the definition
+    (:func:`naive_mixed_predictions`) up to float rounding; tested.
+    """
+    model.eval().to(device)
+    companions = mixed_companions(triggered, len(test), seed)
+    guards = find_guards(model)
+    if len(guards) != 1:  # several guards interact: fall back to the definition
+        return naive_mixed_predictions(model, test, triggered, companions, device)
+    layer = guards[0][1]
+    if layer.eval_mode == "identity":
+        return predict(model, triggered.images, test, 128, device)
+    clean = _features_before(model, layer, test.images, test, 256, device)
+    trig = _features_before(model, layer, triggered.images, test, 256, device)
+    shape, dtype = trig.shape[1:], trig.dtype
+    clean, trig = clean.flatten(1), trig.flatten(1)
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bar = Progress(len(trig), "mixed protocol", enabled=progress)
+    preds = []
+    for start in range(0, len(trig), chunk):
+        rows = torch.cat([clean[companions[start:start + chunk].to(clean.device)],
+                          trig[start:start + chunk].unsqueeze(1)], dim=1)  # (c, 128, d)
+        exact = rows.to(torch.float64)
+        weights = layer.weights_from_gram(exact @ exact.transpose(1, 2))[:, -1:, :]
+        filtered = (weights.to(work_dtype) @ rows.to(work_dtype)).squeeze(1)
+        filtered = filtered.to(dtype).reshape(-1, *shape)
+        with _guard_output(layer, filtered):
+            batch = triggered.images[start:start + chunk].to(device)
+            preds.append(model(model_input(batch, test)).argmax(1).cpu())
+        bar.update(len(rows))
+    bar.close()
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)

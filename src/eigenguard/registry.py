@@ -1,0 +1,44 @@
+"""A small name -> factory registry shared by attacks and defenses (models keep their own)."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import warnings
+from typing import Callable, Generic, TypeVar
+
+from .errors import UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to classes; ``create`` builds one, and an unknown name lists the known ones."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable:
+        def decorate(factory):
+            if name in self._entries:
+                warnings.warn(f"{self.kind} {name!r} registered twice; the later one wins")
+            self._entries[name] = factory
+            factory.registered_name = name
+            return factory
+        return decorate
+
+    def get(self, name: str) -> Callable[..., T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(str(name), self._entries, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UnknownNameError(f"unknown {self.kind} {name!r}: known {self.kind}s are "
+                                   f"{', '.join(self.names())}{hint}") from None
+
+    def create(self, name: str, **settings) -> T:
+        return self.get(name)(**settings)
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        names = sorted(self._entries)
+        return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
