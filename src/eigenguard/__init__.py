@@ -10,7 +10,9 @@ The rest of the package is the benchmark that measures it: data sets, attacks, d
 training loop, evaluation protocols and a result store.
 """
 from .layer import EigenGuard, find_guards, filter_weights, guard, spectral_filter
+from .models import create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["EigenGuard", "spectral_filter", "filter_weights", "guard", "find_guards", "__version__"]
+__all__ = ["EigenGuard", "spectral_filter", "filter_weights", "guard", "find_guards",
+           "create_model", "list_models", "__version__"]

@@ -73,13 +73,19 @@ def triggered_test_set(test: ImageSet, attack: Attack, target: int) -> Triggered
 
 
 @torch.no_grad()
+def batch_logits(model: nn.Module, images: torch.Tensor, data: ImageSet, batch_size: int = 128,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits for a uint8 image tensor in fixed-order batches, partial last batch kept."""
+    model.eval().to(device)
+    out = [model(model_input(images[i:i + batch_size].to(device), data)).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, data.num_classes)
+
+
 def predict(model: nn.Module, images: torch.Tensor, data: ImageSet, batch_size: int = 128,
             device: str | torch.device = "cpu") -> torch.Tensor:
-    """Class predictions for a uint8 image tensor, in fixed order, partial last batch kept."""
-    model.eval().to(device)
-    out = [model(model_input(images[i:i + batch_size].to(device), data)).argmax(1).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+    """Class predictions in fixed-order batches."""
+    return batch_logits(model, images, data, batch_size, device).argmax(1)
 
 
 @contextmanager
@@ -113,8 +119,8 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack, target: int,
         if protocol == "triggered":
             trig_pred = predict(model, triggered.images, test, batch_size, device)
         else:
-            trig_pred = mixed_predictions(model, test, triggered, seed=seed, device=device,
-                                          progress=progress)
+            trig_pred = mixed_logits(model, test, triggered, seed=seed, device=device,
+                                     progress=progress).argmax(1)
     acc = (clean_pred == test.labels).double().mean().item()
     asr = (trig_pred == target).double().mean().item()
     ra = (trig_pred == triggered.labels).double().mean().item()
@@ -135,15 +141,15 @@ def mixed_companions(triggered: TriggeredTestSet, test_size: int, seed: int,
 
 
 @torch.no_grad()
-def naive_mixed_predictions(model, test: ImageSet, triggered: TriggeredTestSet,
-                            companions: torch.Tensor, device="cpu") -> torch.Tensor:
+def naive_mixed_logits(model, test: ImageSet, triggered: TriggeredTestSet,
+                       companions: torch.Tensor, device="cpu") -> torch.Tensor:
     """The mixed protocol by its definition: one full batch per triggered image (slow)."""
     model.eval().to(device)
-    preds = []
+    logits = []
     for i in range(len(triggered.labels)):
         batch = torch.cat([test.images[companions[i]], triggered.images[i:i + 1]])
-        preds.append(model(model_input(batch.to(device), test))[-1].argmax().cpu())
-    return torch.stack(preds) if preds else torch.empty(0, dtype=torch.int64)
+        logits.append(model(model_input(batch.to(device), test))[-1].cpu())
+    return torch.stack(logits) if logits else torch.empty(0, test.num_classes)
 
 
 class _Captured(Exception):
@@ -184,42 +190,58 @@ def _guard_output(layer: EigenGuard, features: torch.Tensor):
 
 
 @torch.no_grad()
-def mixed_predictions(model: nn.Module, test: ImageSet, triggered: TriggeredTestSet, *,
-                      seed: int = 0, chunk: int = 32, device="cpu",
+def mixed_logits(model: nn.Module, test: ImageSet, triggered: TriggeredTestSet, *,
+                      seed: int = 0, chunk: int = 64, device="cpu",
                       progress: bool = True) -> torch.Tensor:
-    """The mixed protocol computed once per image, not once per batch.
+    """The mixed protocol through a bordered Gram matrix, without building any batch.
 
-    Features before the guard are computed once for the clean and triggered images; for each
-    triggered image the 128 × 128 Gram matrix of its batch gives the filter matrix P, and only P's
-    row for that image is applied, F'_i = P_i F. The rest of the network then runs on F'_i alone
-    (evaluation-mode layers after the guard treat samples independently). Equal to the definition
-    (:func:`naive_mixed_predictions`) up to float rounding; tested.
+    Features before the guard are computed once for every clean and triggered test image, and so
+    is the clean Gram matrix. For triggered image i with companions S_i, the Gram matrix of its
+    batch is the clean block G[S_i, S_i] bordered by the row F_t,i F[S_i]ᵀ; it gives the filter
+    matrix P, of which only image i's row is applied, F'_i = P_i [F[S_i]; F_t,i]. The rest of the
+    network then runs on F'_i alone (evaluation-mode layers after the guard treat samples
+    independently). Equal to the definition (:func:`naive_mixed_logits`) up to float
+    rounding; tested.
     """
     model.eval().to(device)
     companions = mixed_companions(triggered, len(test), seed)
     guards = find_guards(model)
     if len(guards) != 1:  # several guards interact: fall back to the definition
-        return naive_mixed_predictions(model, test, triggered, companions, device)
+        return naive_mixed_logits(model, test, triggered, companions, device)
     layer = guards[0][1]
     if layer.eval_mode == "identity":
-        return predict(model, triggered.images, test, 128, device)
+        return batch_logits(model, triggered.images, test, 128, device)
     clean = _features_before(model, layer, test.images, test, 256, device)
     trig = _features_before(model, layer, triggered.images, test, 256, device)
     shape, dtype = trig.shape[1:], trig.dtype
-    clean, trig = clean.flatten(1), trig.flatten(1)
     work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    clean, trig = clean.flatten(1), trig.flatten(1)
+    clean_exact = clean.to(torch.float64)
+    clean_gram = clean_exact @ clean_exact.T  # (N, N), shared by every batch
+    clean_work = clean.to(work_dtype)
+    companions = companions.to(clean.device)
     bar = Progress(len(trig), "mixed protocol", enabled=progress)
-    preds = []
+    logits = []
     for start in range(0, len(trig), chunk):
-        rows = torch.cat([clean[companions[start:start + chunk].to(clean.device)],
-                          trig[start:start + chunk].unsqueeze(1)], dim=1)  # (c, 128, d)
-        exact = rows.to(torch.float64)
-        weights = layer.weights_from_gram(exact @ exact.transpose(1, 2))[:, -1:, :]
-        filtered = (weights.to(work_dtype) @ rows.to(work_dtype)).squeeze(1)
+        rows_t = trig[start:start + chunk]
+        comp = companions[start:start + chunk]  # (c, 127)
+        exact_t = rows_t.to(torch.float64)
+        border = (exact_t @ clean_exact.T).gather(1, comp)  # (c, 127)
+        corner = (exact_t * exact_t).sum(1)
+        c, m = comp.shape
+        gram = torch.empty(c, m + 1, m + 1, dtype=torch.float64, device=clean.device)
+        gram[:, :m, :m] = clean_gram[comp.unsqueeze(2), comp.unsqueeze(1)]
+        gram[:, m, :m] = border
+        gram[:, :m, m] = border
+        gram[:, m, m] = corner
+        weights = layer.weights_from_gram(gram)[:, m, :].to(work_dtype)  # (c, m + 1)
+        dense = torch.zeros(c, len(clean), dtype=work_dtype, device=clean.device)
+        dense.scatter_(1, comp, weights[:, :m])
+        filtered = dense @ clean_work + weights[:, m:] * rows_t.to(work_dtype)
         filtered = filtered.to(dtype).reshape(-1, *shape)
         with _guard_output(layer, filtered):
             batch = triggered.images[start:start + chunk].to(device)
-            preds.append(model(model_input(batch, test)).argmax(1).cpu())
-        bar.update(len(rows))
+            logits.append(model(model_input(batch, test)).cpu())
+        bar.update(c)
     bar.close()
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
+    return torch.cat(logits) if logits else torch.empty(0, test.num_classes)

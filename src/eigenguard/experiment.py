@@ -24,7 +24,7 @@ from .attacks import create_attack
 from .data import ImageSet, dataset_info, load_dataset
 from .defenses import DefenseContext, create_defense
 from .evaluate import Evaluation, evaluate, protocols_for
-from .models import create_model
+from .models.registry import create_model, get_model_factory
 from .store import ResultStore, StoredRun
 from .train import Augmentation, TrainConfig, train
 
@@ -64,6 +64,13 @@ class RunConfig:
 
     def build_defense(self):
         return create_defense(self.defense, **dict(self.defense_settings))
+
+    def validate(self) -> None:
+        """Fail on a bad name or setting before any data is loaded."""
+        dataset_info(self.dataset)
+        get_model_factory(self.model)
+        self.build_attack()
+        self.build_defense()
 
     def resolved(self) -> dict:
         """The config as plain data with every attack and defense setting spelled out."""
@@ -171,7 +178,8 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
     if stored is not None and stored.status == "finished" and not force:
         return RunResult(key, config, store.evaluations(key), stored.history,
                          stored.wall_seconds or 0.0, cached=True, checkpoint=stored.checkpoint)
-    attack, defense = config.build_attack(), config.build_defense()  # fail fast on bad settings
+    config.validate()
+    attack, defense = config.build_attack(), config.build_defense()
     start = time.monotonic()
     train_set, test_set = load_data(config, data_root)
     info = dataset_info(config.dataset)

@@ -51,6 +51,19 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+def get_model_factory(name: str) -> ModelFactory:
+    """The factory registered as ``name``; an unknown name lists the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = list_models()
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(
+            f"unknown model {name!r}.{hint} Known models: {', '.join(known) or '(none)'}."
+        ) from None
+
+
 def create_model(
     name: str,
     *,
@@ -68,15 +81,7 @@ def create_model(
     Raises :class:`UnknownNameError` with the known names and close matches when
     ``name`` is not registered.
     """
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        known = list_models()
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownNameError(
-            f"unknown model {name!r}.{hint} Known models: {', '.join(known) or '(none)'}."
-        ) from None
+    factory = get_model_factory(name)
     if in_channels < 1 or num_classes < 1 or (width is not None and width < 1):
         raise ValueError(
             "in_channels, num_classes and width must all be positive, got "

@@ -1,0 +1,95 @@
+"""End to end on a small synthetic data set: run, store, cache, reproduce, re-evaluate, CLI."""
+import pytest
+import torch
+
+from eigenguard.cli import main
+from eigenguard.errors import DatasetNotFoundError, UnknownNameError
+from eigenguard.experiment import RunConfig, load_data, load_run_model, run
+from eigenguard.evaluate import evaluate
+from eigenguard.store import ResultStore
+from eigenguard.train import TrainConfig
+
+FAST = TrainConfig(epochs=4, batch_size=32, lr=0.1)
+
+
+def config(**overrides):
+    settings = dict(model="small_cnn", width=8, train=FAST, poison_ratio=0.1)
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+def by_protocol(result):
+    return {e["protocol"]: e for e in result.evaluations}
+
+
+def test_config_key_spells_out_defaults():
+    assert config(defense="eigenguard").key() == \
+        config(defense="eigenguard", defense_settings={"k": 32}).key()
+    assert config(defense="eigenguard").key() != \
+        config(defense="eigenguard", defense_settings={"k": 8}).key()
+    assert config(seed=1).key() != config().key()
+    guarded = config(defense="eigenguard")
+    assert RunConfig.from_dict(guarded.resolved()).key() == guarded.key()
+
+
+def test_bad_names_and_settings_fail_before_any_work(tmp_path):
+    with pytest.raises(UnknownNameError, match="small_cnn"):
+        run(config(model="resnet9000"), ResultStore(tmp_path / "r.sqlite"), progress=False)
+
+
+def test_undefended_backdoor_works_and_runs_reproduce(tmp_path, synthetic_root):
+    store = ResultStore(tmp_path / "r.sqlite")
+    first = run(config(), store, data_root=synthetic_root, progress=False)
+    metrics = by_protocol(first)["triggered"]
+    assert metrics["acc"] > 0.9 and metrics["asr"] > 0.9  # calibration: the attack works
+    assert list(by_protocol(first)) == ["triggered"]  # batch-independent model
+    cached = run(config(), store, data_root=synthetic_root, progress=False)
+    assert cached.cached and cached.evaluations == store.evaluations(first.key)
+    again = run(config(), store, data_root=synthetic_root, progress=False, force=True)
+    assert not again.cached
+    assert {k: metrics[k] for k in ("acc", "asr", "ra")} == \
+        {k: by_protocol(again)["triggered"][k] for k in ("acc", "asr", "ra")}
+    stored = store.get_run(first.key)
+    assert stored.status == "finished" and len(stored.history) == FAST.epochs
+    assert stored.versions["torch"] == torch.__version__
+
+
+def test_eigenguard_run_records_every_protocol_and_reloads(tmp_path, synthetic_root):
+    store = ResultStore(tmp_path / "r.sqlite")
+    cfg = config(defense="eigenguard", defense_settings={"k": 4, "after": "block2"})
+    result = run(cfg, store, data_root=synthetic_root, progress=False)
+    assert list(by_protocol(result)) == ["triggered", "mixed", "single"]
+    assert by_protocol(result)["single"]["batch_size"] == 1
+    _, test = load_data(cfg, synthetic_root)
+    model = load_run_model(store.get_run(result.key), test)
+    again = evaluate(model, test, cfg.build_attack(), cfg.target, "mixed", progress=False)
+    assert again.asr == by_protocol(result)["mixed"]["asr"]
+    assert again.acc == by_protocol(result)["mixed"]["acc"]
+
+
+def test_missing_data_names_the_place_and_the_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        run(config(), ResultStore(tmp_path / "r.sqlite"), data_root=tmp_path / "nowhere",
+            progress=False)
+
+
+def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
+    store = str(tmp_path / "cli.sqlite")
+    common = ["--store", store, "--data-root", str(synthetic_root), "--quiet"]
+    args = ["run", "--model", "small_cnn", "--width", "8", "--epochs", "1", "--batch-size", "64",
+            *common]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "finished" in out and "triggered" in out
+    assert main(args) == 0
+    assert "already in" in capsys.readouterr().out
+    assert main(["report", "--store", store]) == 0
+    assert "small_cnn/8" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    assert "preact_resnet18" in capsys.readouterr().out
+    assert main(["run", "--model", "resnet9000", *common]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+    assert main(["run", "--defense", "eigenguard", "--k", "0", *common]) == 2
+    assert "k must be >= 1" in capsys.readouterr().err
+    assert main(["run", "--k", "4", *common]) == 2
+    assert "--defense eigenguard" in capsys.readouterr().err
