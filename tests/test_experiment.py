@@ -9,11 +9,12 @@ from eigenguard.evaluate import evaluate
 from eigenguard.store import ResultStore
 from eigenguard.train import TrainConfig
 
-FAST = TrainConfig(epochs=4, batch_size=32, lr=0.1)
+# no augmentation: the synthetic classes are stripe orientations, which a flip would swap
+FAST = TrainConfig(epochs=4, batch_size=32, lr=0.1, augment=False)
 
 
 def config(**overrides):
-    settings = dict(model="small_cnn", width=8, train=FAST, poison_ratio=0.1)
+    settings = dict(model="small_cnn", width=16, train=FAST, poison_ratio=0.1)
     settings.update(overrides)
     return RunConfig(**settings)
 
@@ -77,7 +78,7 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     store = str(tmp_path / "cli.sqlite")
     common = ["--store", store, "--data-root", str(synthetic_root), "--quiet"]
     args = ["run", "--model", "small_cnn", "--width", "8", "--epochs", "1", "--batch-size", "64",
-            *common]
+            "--no-augment", *common]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "finished" in out and "triggered" in out
@@ -85,6 +86,11 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert "already in" in capsys.readouterr().out
     assert main(["report", "--store", store]) == 0
     assert "small_cnn/8" in capsys.readouterr().out
+    key = ResultStore(store).find_runs()[0].key
+    assert main(["evaluate", "--run", key[:6], "--protocol", "triggered", *common]) == 0
+    assert key[:8] in capsys.readouterr().out
+    assert main(["evaluate", "--run", "zzzz", *common]) == 2
+    assert "matches 0 finished runs" in capsys.readouterr().err
     assert main(["list"]) == 0
     assert "preact_resnet18" in capsys.readouterr().out
     assert main(["run", "--model", "resnet9000", *common]) == 2
