@@ -28,7 +28,7 @@ def test_badnets_without_and_with_eigenguard_on_fashion_mnist(tmp_path, capsys):
     # calibration: on real data the default model learns the task and the backdoor
     assert undefended["acc"] > 0.75 and undefended["asr"] > 0.9
     guarded = ResultStore(store).evaluations(runs["eigenguard"].key)
-    assert sorted(e["protocol"] for e in guarded) == ["mixed", "single", "triggered"]
+    assert sorted(e["protocol"] for e in guarded) == ["mixed", "running", "single", "triggered"]
     assert all(0 <= e[m] <= 1 for e in guarded for m in ("acc", "asr", "ra"))
     capsys.readouterr()
     start = time.monotonic()

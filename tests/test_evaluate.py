@@ -5,7 +5,7 @@ from torch import nn
 
 from eigenguard.attacks import create_attack
 from eigenguard.data import ImageSet
-from eigenguard.evaluate import (batch_logits, der, evaluate, guards_as_identity, mixed_companions,
+from eigenguard.evaluate import (batch_logits, der, evaluate, guards_in_mode, mixed_companions,
                                  mixed_logits, naive_mixed_logits, protocols_for,
                                  triggered_test_set)
 from eigenguard.layer import guard
@@ -97,14 +97,17 @@ def test_mixed_companions_exclude_the_clean_original():
 def test_single_protocol_equals_batches_of_one():
     test = coded_test_set(150)
     model = guarded_model()
-    with guards_as_identity(model):
+    with guards_in_mode(model, "identity"):
         fast = batch_logits(model, test.images[:10], test, 128)
     one_by_one = torch.cat([batch_logits(model, test.images[i:i + 1], test, 1) for i in range(10)])
     assert torch.allclose(fast, one_by_one, atol=1e-5)
 
 
 def test_protocols_recorded_for_guarded_models_only():
-    assert protocols_for(guarded_model()) == ("triggered", "mixed", "single")
+    assert protocols_for(guarded_model()) == ("triggered", "mixed", "single")  # no running stats
+    trained = guarded_model().train()
+    trained(torch.randn(16, 1, 28, 28))
+    assert protocols_for(trained) == ("triggered", "mixed", "single", "running")
     assert protocols_for(create_model("small_cnn", in_channels=1)) == ("triggered",)
     test = coded_test_set(150)
     single = evaluate(guarded_model(), test, create_attack("badnets"), 0, "single")

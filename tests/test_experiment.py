@@ -59,13 +59,14 @@ def test_eigenguard_run_records_every_protocol_and_reloads(tmp_path, synthetic_r
     store = ResultStore(tmp_path / "r.sqlite")
     cfg = config(defense="eigenguard", defense_settings={"k": 4, "after": "block2"})
     result = run(cfg, store, data_root=synthetic_root, progress=False)
-    assert list(by_protocol(result)) == ["triggered", "mixed", "single"]
+    assert list(by_protocol(result)) == ["triggered", "mixed", "single", "running"]
     assert by_protocol(result)["single"]["batch_size"] == 1
     _, test = load_data(cfg, synthetic_root)
     model = load_run_model(store.get_run(result.key), test)
-    again = evaluate(model, test, cfg.build_attack(), cfg.target, "mixed", progress=False)
-    assert again.asr == by_protocol(result)["mixed"]["asr"]
-    assert again.acc == by_protocol(result)["mixed"]["acc"]
+    for protocol in ("mixed", "running"):  # the checkpoint carries the running statistics
+        again = evaluate(model, test, cfg.build_attack(), cfg.target, protocol, progress=False)
+        assert again.asr == by_protocol(result)[protocol]["asr"]
+        assert again.acc == by_protocol(result)[protocol]["acc"]
 
 
 def test_missing_data_names_the_place_and_the_fix(tmp_path):

@@ -170,7 +170,9 @@ def test_guard_inserts_after_a_named_module_and_keeps_state_dict_names():
     plain = copy.deepcopy(model)
     keys = set(model.state_dict())
     layer = guard(model, after="stem", k=2)
-    assert set(model.state_dict()) == keys
+    assert set(model.state_dict()) - keys == {"stem_eigenguard." + name for name in
+                                              ("running_basis", "running_power",
+                                               "num_batches_tracked")}
     assert find_guards(model) == [("stem_eigenguard", layer)]
     x = torch.randn(10, 1, 6, 6)
     expected = plain.head(plain.body(spectral_filter(plain.stem(x), 2)).flatten(1))
@@ -191,3 +193,88 @@ def test_guard_accepts_dotted_paths_and_several_layers():
         guard(model, after="stem")
     with pytest.raises(ValueError, match="no such module"):
         guard(model, after="layer9")
+
+
+# --- running statistics and the batch-independent eval mode ---------------------------------
+
+from eigenguard.layer import running_filter, update_running_subspace  # noqa: E402
+
+
+def test_running_subspace_is_the_moving_average_of_the_second_moment():
+    g = torch.Generator().manual_seed(0)
+    d, momentum = 12, 0.3
+    basis, power = torch.zeros(0), torch.zeros(0)
+    exact = None
+    for step in range(5):
+        batch = torch.randn(7, d, generator=g, dtype=torch.float64)
+        second = batch.T @ batch / 7
+        exact = second if exact is None else (1 - momentum) * exact + momentum * second
+        basis, power = update_running_subspace(basis, power, batch, momentum, rank=d)
+    estimate = (basis.double() * power.double()) @ basis.double().T
+    assert basis.shape == (d, d) and power.shape == (d,)
+    assert torch.allclose(estimate, exact, atol=1e-5)
+
+
+def test_running_subspace_keeps_the_top_r_directions_in_o_of_r_d_memory():
+    g = torch.Generator().manual_seed(1)
+    strong = torch.randn(3, 500, generator=g, dtype=torch.float64)  # a rank-3 dominant part
+    basis, power = torch.zeros(0), torch.zeros(0)
+    for _ in range(4):
+        batch = torch.randn(32, 3, generator=g, dtype=torch.float64) * 10 @ strong \
+            + 0.01 * torch.randn(32, 500, generator=g, dtype=torch.float64)
+        basis, power = update_running_subspace(basis, power, batch, 0.5, rank=6)
+    assert basis.shape == (500, 6)
+    _, _, vh = torch.linalg.svd(strong, full_matrices=False)
+    overlap = torch.linalg.svdvals(vh @ basis[:, :3].double())
+    assert overlap.min() > 0.999  # the dominant subspace is found
+
+
+def test_running_filter_from_one_batch_equals_the_batch_filter_on_that_batch():
+    x = torch.randn(40, 90, dtype=torch.float64)
+    basis, power = update_running_subspace(torch.zeros(0), torch.zeros(0), x, 1.0, rank=16)
+    out = running_filter(x, basis.double(), power, k=8)
+    assert torch.allclose(out, spectral_filter(x, 8), atol=1e-4)
+
+
+def test_running_mode_is_batch_independent_and_travels_in_the_state_dict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = TwoStage()
+    layer = guard(model, after="stem", k=3, eval_mode="running")
+    model.train()
+    for _ in range(3):
+        model(torch.randn(20, 1, 6, 6))
+    assert layer.num_batches_tracked.item() == 3
+    assert layer.running_basis.shape == (4 * 36, 6) and layer.running_power.shape == (6,)
+    model.eval()
+    x = torch.randn(10, 1, 6, 6)
+    together = model(x)
+    alone = torch.cat([model(x[i:i + 1]) for i in range(10)])
+    assert torch.allclose(together, alone, atol=1e-5)
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    fresh = TwoStage()
+    guard(fresh, after="stem", k=3, eval_mode="running")
+    fresh.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    assert torch.allclose(fresh.eval()(x), together)
+
+
+def test_running_mode_without_statistics_says_how_to_get_them():
+    layer = EigenGuard(k=2, eval_mode="running").eval()
+    with pytest.raises(RuntimeError, match="track_running_stats"):
+        layer(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        EigenGuard(eval_mode="running", track_running_stats=False)
+    with pytest.raises(ValueError, match="sketch_rank"):
+        EigenGuard(k=8, sketch_rank=4)
+
+
+@pytest.mark.parametrize("scale", ["kth", "mean"])
+def test_reference_svd_path_equals_the_fast_path(scale):
+    x = torch.cat([low_rank(30, 200, rank=5), torch.randn(50, 200)])
+    fast = spectral_filter(x, 16, scale=scale)
+    reference = spectral_filter(x, 16, scale=scale, method="svd")
+    assert torch.allclose(fast, reference, atol=1e-4)
+    assert torch.allclose(reference, svd_definition(x, 16, scale=scale).float(), atol=1e-4)
+    with pytest.raises(ValueError, match="method"):
+        spectral_filter(x, 4, method="qr")

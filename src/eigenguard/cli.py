@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import torch
@@ -50,7 +51,7 @@ def _add_run_arguments(parser):
     parser.add_argument("--tail-scale", type=float, help="EigenGuard: tail factor (default 1e-3)")
     parser.add_argument("--scale", choices=("kth", "mean"), help="EigenGuard: common scale")
     parser.add_argument("--after", help="EigenGuard: module to insert it after (default layer2)")
-    parser.add_argument("--eval-mode", choices=("batch", "identity"),
+    parser.add_argument("--eval-mode", choices=("batch", "running", "identity"),
                         help="EigenGuard at evaluation time (default batch)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
         print("interrupted; finished runs stay in the store", file=sys.stderr)
         return 130
     except (EigenGuardError, ValueError, TypeError, FileNotFoundError) as error:
+        if os.environ.get("EIGENGUARD_DEBUG"):
+            raise
         print(f"eigenguard: error: {error}", file=sys.stderr)
         return 2
 

@@ -7,10 +7,13 @@ batch. The protocol is therefore part of every result:
   (the usual benchmark protocol; every batch is fully triggered);
 - ``mixed``: each triggered image inside a batch with 127 clean test images drawn with a fixed seed,
   its own clean original excluded; only its prediction counts;
-- ``single``: batches of one.
+- ``single``: batches of one;
+- ``running``: the layer filters each image alone with the subspace it estimated during training
+  (``eval_mode="running"``), which makes the model batch-independent.
 
-ACC is measured on clean test batches of the protocol's batch size (128 for ``triggered`` and
-``mixed``, whose clean batches are the same, 1 for ``single``). Models without EigenGuard do not
+The first three evaluate the layer in its ``batch`` mode, whatever eval_mode the model was built
+with. ACC is measured on clean test batches of the protocol's batch size (128 for ``triggered``
+and ``mixed``, whose clean batches are the same, 1 for ``single``). Models without EigenGuard do not
 depend on their batch; they are evaluated under ``triggered`` only.
 """
 from __future__ import annotations
@@ -27,7 +30,10 @@ from .layer import EigenGuard, find_guards
 from .progress import Progress
 from .train import model_input
 
-PROTOCOLS = ("triggered", "mixed", "single")
+PROTOCOLS = ("triggered", "mixed", "single", "running")
+#: the layer mode each protocol evaluates (a batch of one passes the batch filter unchanged)
+PROTOCOL_MODES = {"triggered": "batch", "mixed": "batch", "single": "identity",
+                  "running": "running"}
 MIXED_COMPANIONS = 127
 
 
@@ -53,8 +59,13 @@ def der(acc_undefended: float, asr_undefended: float, acc_defended: float,
 
 
 def protocols_for(model: nn.Module) -> tuple[str, ...]:
-    """Every protocol for a batch-dependent model, the standard one otherwise."""
-    return PROTOCOLS if find_guards(model) else ("triggered",)
+    """Every protocol that applies to a model with EigenGuard, the standard one otherwise."""
+    guards = [layer for _, layer in find_guards(model)]
+    if not guards:
+        return ("triggered",)
+    if all(layer.has_running_stats for layer in guards):
+        return PROTOCOLS
+    return tuple(p for p in PROTOCOLS if p != "running")
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,12 +100,12 @@ def predict(model: nn.Module, images: torch.Tensor, data: ImageSet, batch_size: 
 
 
 @contextmanager
-def guards_as_identity(model: nn.Module):
-    """Evaluate as if every batch had one image: the filter then leaves features unchanged."""
+def guards_in_mode(model: nn.Module, mode: str):
+    """Set every EigenGuard layer's eval_mode for the duration of an evaluation."""
     guards = [layer for _, layer in find_guards(model)]
     saved = [layer.eval_mode for layer in guards]
     for layer in guards:
-        layer.eval_mode = "identity"
+        layer.eval_mode = mode
     try:
         yield
     finally:
@@ -109,18 +120,18 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack, target: int,
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; choose from {PROTOCOLS}")
     triggered = triggered_test_set(test, attack, target)
-    if protocol == "single":
-        batch_size = 1
-        with guards_as_identity(model):  # B = 1 passes the filter unchanged (tested)
+    with guards_in_mode(model, PROTOCOL_MODES[protocol]):
+        if protocol == "single":
+            batch_size = 1  # computed in larger batches: B = 1 passes the filter unchanged (tested)
             clean_pred = predict(model, test.images, test, 256, device)
             trig_pred = predict(model, triggered.images, test, 256, device)
-    else:
-        clean_pred = predict(model, test.images, test, batch_size, device)
-        if protocol == "triggered":
-            trig_pred = predict(model, triggered.images, test, batch_size, device)
         else:
-            trig_pred = mixed_logits(model, test, triggered, seed=seed, device=device,
-                                     progress=progress).argmax(1)
+            clean_pred = predict(model, test.images, test, batch_size, device)
+            if protocol == "mixed":
+                trig_pred = mixed_logits(model, test, triggered, seed=seed, device=device,
+                                         progress=progress).argmax(1)
+            else:
+                trig_pred = predict(model, triggered.images, test, batch_size, device)
     acc = (clean_pred == test.labels).double().mean().item()
     asr = (trig_pred == target).double().mean().item()
     ra = (trig_pred == triggered.labels).double().mean().item()
@@ -209,7 +220,7 @@ def mixed_logits(model: nn.Module, test: ImageSet, triggered: TriggeredTestSet, 
     if len(guards) != 1:  # several guards interact: fall back to the definition
         return naive_mixed_logits(model, test, triggered, companions, device)
     layer = guards[0][1]
-    if layer.eval_mode == "identity":
+    if layer.eval_mode != "batch":  # each image is filtered alone: its batch does not matter
         return batch_logits(model, triggered.images, test, 128, device)
     clean = _features_before(model, layer, test.images, test, 256, device)
     trig = _features_before(model, layer, triggered.images, test, 256, device)

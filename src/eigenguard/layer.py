@@ -12,6 +12,10 @@ batch-composition analyses in :mod:`eigenguard.evaluate` build on.
 
 When the batch has fewer than k nonzero singular values (B < k, a partial last batch, rank-deficient
 features) the filter uses k_eff = that number, so a batch of one passes unchanged.
+
+Because U_k diag(g) U_kᵀ F = F V_k diag(g) V_kᵀ, the same filter can act on each row alone given the
+right singular vectors V_k and the singular values. :class:`EigenGuard` keeps running estimates of
+them (like BatchNorm's running statistics) for a batch-independent evaluation mode.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ import torch
 from torch import nn
 
 SCALES = ("kth", "mean")
+METHODS = ("gram", "svd")
 GRAD_MODES = ("detach",)
-EVAL_MODES = ("batch", "identity")
+EVAL_MODES = ("batch", "running", "identity")
 
 #: singular values at or below this fraction of the largest count as zero when finding k_eff.
 DEFAULT_RANK_RTOL = 1e-5
@@ -88,24 +93,116 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def svd_filter_weights(flat: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: str = "kth",
+                       rank_rtol: float = DEFAULT_RANK_RTOL) -> torch.Tensor:
+    """The reference path: P from ``torch.linalg.svd`` of F itself (slow; for tests and benchmarks)."""
+    k = _check_settings(k, tail_scale, scale, rank_rtol)
+    exact = flat.detach().to(torch.float64)
+    if not torch.isfinite(exact).all():
+        raise FloatingPointError("EigenGuard received non-finite features (NaN or Inf): the layers "
+                                 "before it diverged. Lower the learning rate or check the input data.")
+    u, sigma, _ = torch.linalg.svd(exact, full_matrices=False)
+    gains, k_eff = _gains(sigma, k, tail_scale, scale, rank_rtol)
+    top = u[:, :k_eff]
+    eye = torch.eye(exact.shape[0], dtype=torch.float64, device=exact.device)
+    return tail_scale * eye + (top * gains) @ top.T
+
+
 def spectral_filter(features: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: str = "kth",
-                    rank_rtol: float = DEFAULT_RANK_RTOL) -> torch.Tensor:
+                    rank_rtol: float = DEFAULT_RANK_RTOL, method: str = "gram") -> torch.Tensor:
     """Filter a batch of features (B, ...) in its singular basis; returns the input's shape and dtype.
 
-    The filter matrix is a constant for autograd (the gradient flows through F' = P F with P
-    fixed), which avoids differentiating an eigendecomposition whose spectrum may be degenerate.
+    ``method="gram"`` (the fast path) eigendecomposes the B × B Gram matrix; ``method="svd"``
+    (the reference) takes the SVD of the B × d features. The filter matrix is a constant for
+    autograd (the gradient flows through F' = P F with P fixed), which avoids differentiating an
+    eigendecomposition whose spectrum may be degenerate.
     """
     if features.dim() < 2:
         raise ValueError(f"spectral_filter expects a batch (B, ...) with at least 2 dims, got shape "
                          f"{tuple(features.shape)}; add a batch dimension with x.unsqueeze(0)")
     if not features.is_floating_point():
         raise TypeError(f"spectral_filter expects floating-point features, got {features.dtype}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     flat = features.reshape(features.shape[0], -1)
     with torch.no_grad():
-        exact = flat.detach().to(torch.float64)
-        weights = filter_weights(exact @ exact.T, k, tail_scale, scale, rank_rtol)
+        if method == "svd":
+            weights = svd_filter_weights(flat, k, tail_scale, scale, rank_rtol)
+        else:
+            exact = flat.detach().to(torch.float64)
+            weights = filter_weights(exact @ exact.T, k, tail_scale, scale, rank_rtol)
     dtype = _compute_dtype(features.dtype)
     out = weights.to(dtype) @ flat.to(dtype)
+    return out.to(features.dtype).reshape(features.shape)
+
+
+def _gains(sigma: torch.Tensor, k: int, tail_scale: float, scale: str, rank_rtol: float):
+    """Per-direction gains c/σ_i − t for the top k_eff of a descending spectrum, and k_eff."""
+    rank = int((sigma > sigma[:1] * rank_rtol).sum()) if sigma.numel() else 0
+    k_eff = min(k, rank)
+    top = sigma[:k_eff]
+    if k_eff == 0:
+        return top, 0
+    common = top[-1] if scale == "kth" else top.mean()
+    return common / top - tail_scale, k_eff
+
+
+def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torch.Tensor,
+                            momentum: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of an exponential moving average of the feature second moment E[x xᵀ], kept at rank r.
+
+    ``basis`` (d × r) and ``power`` (r) hold M ≈ V diag(λ) Vᵀ. The new M is
+    (1 − m)·M + m·FᵀF / B = A Aᵀ with A = [V·sqrt((1 − m)λ), sqrt(m / B)·Fᵀ], whose top r
+    eigenpairs come from the small (r + B) × (r + B) matrix AᵀA: memory O(r·d), never d × d.
+    An empty ``basis`` starts the estimate from this batch alone.
+    """
+    work = _compute_dtype(flat.dtype)  # float32 products suffice for the dominant subspace
+    rows = flat.detach().to(work)
+    batch = rows.shape[0]
+    if basis.numel() == 0:
+        momentum = 1.0
+        columns = rows.T * math.sqrt(1.0 / batch)
+    else:
+        old = basis.to(work) * (power.to(work).clamp_min(0) * (1 - momentum)).sqrt()
+        columns = torch.cat([old, rows.T * math.sqrt(momentum / batch)], dim=1)
+    gram = (columns.T @ columns).to(torch.float64)
+    if not torch.isfinite(gram).all():
+        raise FloatingPointError("EigenGuard received non-finite features (NaN or Inf) while "
+                                 "updating its running statistics: lower the learning rate")
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues, eigenvectors = eigenvalues.flip(0)[:rank], eigenvectors.flip(1)[:, :rank]
+    eigenvalues = eigenvalues.clamp_min(0)
+    # directions below the rounding noise of the products carry no information
+    noise = torch.finfo(work).eps * gram.shape[0]
+    keep = eigenvalues > eigenvalues[:1] * noise
+    scale = torch.where(keep, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
+    new_basis = (columns @ (eigenvectors * scale).to(work))
+    new_power = torch.where(keep, eigenvalues, torch.zeros_like(eigenvalues))
+    if new_basis.shape[1] < rank:  # fewer columns than the sketch rank so far: pad with zeros
+        pad = rank - new_basis.shape[1]
+        new_basis = torch.cat([new_basis, new_basis.new_zeros(new_basis.shape[0], pad)], dim=1)
+        new_power = torch.cat([new_power, new_power.new_zeros(pad)])
+    return new_basis, new_power.to(torch.float32)
+
+
+def running_filter(features: torch.Tensor, basis: torch.Tensor, power: torch.Tensor, k: int,
+                   tail_scale: float = 1e-3, scale: str = "kth",
+                   rank_rtol: float = DEFAULT_RANK_RTOL) -> torch.Tensor:
+    """The filter with a fixed subspace: x' = t·x + (x V_k) diag(c/σ_i − t) V_kᵀ for each row alone.
+
+    σ_i = sqrt(λ_i) of the running second moment; the gains c/σ_i are ratios of singular values, so
+    they do not depend on the batch size the statistics came from.
+    """
+    k = _check_settings(k, tail_scale, scale, rank_rtol)
+    flat = features.reshape(features.shape[0], -1)
+    dtype = _compute_dtype(features.dtype)
+    gains, k_eff = _gains(power.to(torch.float64).clamp_min(0).sqrt(), k, tail_scale, scale,
+                          rank_rtol)
+    x = flat.to(dtype)
+    out = tail_scale * x
+    if k_eff:
+        top = basis[:, :k_eff].to(dtype)
+        out = out + ((x @ top) * gains.to(dtype)) @ top.T
     return out.to(features.dtype).reshape(features.shape)
 
 
@@ -118,29 +215,95 @@ class EigenGuard(nn.Module):
         scale: the common scale, ``"kth"`` (the k-th singular value) or ``"mean"`` (mean of the top k).
         grad: ``"detach"``, the filter matrix is a constant in the backward pass.
         eval_mode: what the layer does in ``model.eval()``: ``"batch"`` filters each test batch (the
-            source's behaviour; a prediction then depends on the rest of its batch), ``"identity"``
-            passes features through.
+            source's behaviour; a prediction then depends on the rest of its batch), ``"running"``
+            filters each image alone with the running subspace estimated during training,
+            ``"identity"`` passes features through.
+        track_running_stats: keep, during training, a running estimate of the dominant feature
+            subspace (buffers ``running_basis`` d × r and ``running_power`` r, like BatchNorm's
+            running statistics; they travel in the state_dict). Required by ``eval_mode="running"``.
+        momentum: weight of each new training batch in the running estimate.
+        sketch_rank: r, the rank of the running estimate (default 2k).
+        method: ``"gram"`` (fast: B × B Gram matrix) or ``"svd"`` (reference: SVD of the features).
     """
 
     def __init__(self, k: int = 32, tail_scale: float = 1e-3, scale: str = "kth",
                  grad: str = "detach", eval_mode: str = "batch",
-                 rank_rtol: float = DEFAULT_RANK_RTOL):
+                 rank_rtol: float = DEFAULT_RANK_RTOL, track_running_stats: bool = True,
+                 momentum: float = 0.1, sketch_rank: int | None = None, method: str = "gram"):
         super().__init__()
         self.k = _check_settings(k, tail_scale, scale, rank_rtol)
         if grad not in GRAD_MODES:
             raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if eval_mode == "running" and not track_running_stats:
+            raise ValueError("eval_mode='running' needs track_running_stats=True")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        if sketch_rank is not None and (isinstance(sketch_rank, bool) or
+                                        not isinstance(sketch_rank, numbers.Integral) or
+                                        sketch_rank < self.k):
+            raise ValueError(f"sketch_rank must be an integer >= k ({self.k}), got {sketch_rank!r}")
         self.tail_scale = float(tail_scale)
         self.scale = scale
         self.grad = grad
         self.eval_mode = eval_mode
         self.rank_rtol = float(rank_rtol)
+        self.track_running_stats = bool(track_running_stats)
+        self.momentum = float(momentum)
+        self.sketch_rank = int(sketch_rank) if sketch_rank is not None else 2 * self.k
+        self.method = method
+        # sized on the first training batch, when the feature dimension d is known
+        self.register_buffer("running_basis", torch.zeros(0))
+        self.register_buffer("running_power", torch.zeros(0))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
 
     def settings(self) -> dict:
         """The constructor arguments, for configs and reports."""
         return dict(k=self.k, tail_scale=self.tail_scale, scale=self.scale, grad=self.grad,
-                    eval_mode=self.eval_mode, rank_rtol=self.rank_rtol)
+                    eval_mode=self.eval_mode, rank_rtol=self.rank_rtol,
+                    track_running_stats=self.track_running_stats, momentum=self.momentum,
+                    sketch_rank=self.sketch_rank, method=self.method)
+
+    @property
+    def has_running_stats(self) -> bool:
+        return self.running_basis.numel() > 0
+
+    @torch.no_grad()
+    def update_running_stats(self, features: torch.Tensor) -> None:
+        """Fold one batch into the running subspace estimate."""
+        flat = features.reshape(features.shape[0], -1)
+        if self.has_running_stats and self.running_basis.shape[0] != flat.shape[1]:
+            raise ValueError(f"EigenGuard running statistics are for {self.running_basis.shape[0]} "
+                             f"features, got {flat.shape[1]}: the layer sees another shape")
+        basis, power = update_running_subspace(self.running_basis, self.running_power,
+                                               flat.float(), self.momentum, self.sketch_rank)
+        self.running_basis, self.running_power = basis, power
+        self.num_batches_tracked += 1
+
+    def running(self, features: torch.Tensor) -> torch.Tensor:
+        """Filter each sample alone with the running subspace (batch-independent)."""
+        if not self.has_running_stats:
+            raise RuntimeError("EigenGuard has no running statistics: train the model with "
+                               "track_running_stats=True before evaluating with eval_mode='running'")
+        return running_filter(features, self.running_basis, self.running_power, self.k,
+                              self.tail_scale, self.scale, self.rank_rtol)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the running buffers are sized lazily: take the checkpoint's shapes
+        for name in ("running_basis", "running_power"):
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and incoming.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(incoming, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # a checkpoint of the model without EigenGuard loads too: no running statistics yet
+        for name in ("running_basis", "running_power", "num_batches_tracked"):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
 
     def weights_from_gram(self, gram: torch.Tensor) -> torch.Tensor:
         """The filter matrix P (F' = P F) for Gram matrices batched over leading dims."""
@@ -148,11 +311,18 @@ class EigenGuard(nn.Module):
 
     def filter(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the filter to a batch, whatever the train/eval state."""
-        return spectral_filter(features, self.k, self.tail_scale, self.scale, self.rank_rtol)
+        return spectral_filter(features, self.k, self.tail_scale, self.scale, self.rank_rtol,
+                               self.method)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.eval_mode == "identity":
+        if self.training:
+            if self.track_running_stats:
+                self.update_running_stats(features)
+            return self.filter(features)
+        if self.eval_mode == "identity":
             return features
+        if self.eval_mode == "running":
+            return self.running(features)
         return self.filter(features)
 
     def extra_repr(self) -> str:

@@ -32,13 +32,12 @@ class Progress:
                 self._last_draw = now
                 self.stream.write("\r" + self._line(now) + "\033[K")
                 self.stream.flush()
-        else:  # logs: one line per tenth
+        else:  # logs: a line at the start, half way and the end
             decile = min(10, self.count * 10 // self.total)
-            if decile != self._last_decile and decile % 5 == 0 or self.count >= self.total:
-                if decile != self._last_decile:
-                    self._last_decile = decile
-                    self.stream.write(self._line(now) + "\n")
-                    self.stream.flush()
+            if decile % 5 == 0 and decile != self._last_decile:
+                self._last_decile = decile
+                self.stream.write(self._line(now) + "\n")
+                self.stream.flush()
 
     def close(self, status: str | None = None) -> None:
         if status is not None:

@@ -19,13 +19,18 @@ class EigenGuardDefense(Defense):
     after: str = "layer2"
     grad: str = "detach"
     eval_mode: str = "batch"
+    track_running_stats: bool = True
+    momentum: float = 0.1
+    sketch_rank: int | None = None
+    method: str = "gram"
 
     def __post_init__(self):
         self.layer_settings()  # validate now, not after the data set has loaded
 
     def layer_settings(self) -> dict:
         settings = dict(k=self.k, tail_scale=self.tail_scale, scale=self.scale, grad=self.grad,
-                        eval_mode=self.eval_mode)
+                        eval_mode=self.eval_mode, track_running_stats=self.track_running_stats,
+                        momentum=self.momentum, sketch_rank=self.sketch_rank, method=self.method)
         EigenGuard(**settings)
         return settings
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 
@@ -44,3 +46,25 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def residual_stages(
+    block: Callable[[int, int, int], nn.Module],
+    width: int,
+    blocks_per_stage: tuple[int, ...],
+) -> tuple[list[nn.Sequential], int]:
+    """The four stages of a CIFAR ResNet: widths w, 2w, 4w, 8w, stride 2 from the second stage on.
+
+    Returns the stages and the channel count of the last one.
+    """
+    in_ch = width
+    stages = []
+    for i, n in enumerate(blocks_per_stage):
+        out_ch = width * 2**i
+        stride = 1 if i == 0 else 2
+        blocks = []
+        for j in range(n):
+            blocks.append(block(in_ch, out_ch, stride if j == 0 else 1))
+            in_ch = out_ch
+        stages.append(nn.Sequential(*blocks))
+    return stages, in_ch

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eigenguard.models._layers import conv3x3, init_weights
+from eigenguard.models._layers import conv3x3, init_weights, residual_stages
 from eigenguard.models.registry import register_model
 
 
@@ -52,17 +52,8 @@ class PreActResNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
-        widths = [width, 2 * width, 4 * width, 8 * width]
         self.stem = nn.Sequential(conv3x3(in_channels, width))
-        in_ch = width
-        layers = []
-        for i, (out_ch, n) in enumerate(zip(widths, blocks_per_stage)):
-            stride = 1 if i == 0 else 2
-            blocks = []
-            for j in range(n):
-                blocks.append(PreActBlock(in_ch, out_ch, stride if j == 0 else 1))
-                in_ch = out_ch
-            layers.append(nn.Sequential(*blocks))
+        layers, in_ch = residual_stages(PreActBlock, width, blocks_per_stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.final_bn = nn.BatchNorm2d(in_ch)
         self.final_relu = nn.ReLU(inplace=True)

@@ -1,0 +1,123 @@
+"""EigenGuard layer speed, measured side by side in one run (the machines are noisy).
+
+Prints ratios, not absolute claims:
+  1. the fast path (B × B Gram matrix) against the reference path (SVD of the B × d features),
+     forward + backward, B = 128, d = 12,544 and 65,536;
+  2. a PreAct-ResNet18 training step with and without EigenGuard (and without running statistics);
+  3. the memory the running statistics hold, and peak GPU memory where a GPU is used.
+
+    python benchmarks/layer.py [--device cuda] [--repeats 7] [--width 16] [--size 28]
+
+Timings interleave the variants and report medians.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from eigenguard import create_model, guard
+from eigenguard.layer import spectral_filter
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(variants: dict, repeats: int, device) -> dict:
+    """Run every variant once per round, ``repeats`` rounds after one warm-up round."""
+    times = {name: [] for name in variants}
+    for round_ in range(repeats + 1):
+        for name, fn in variants.items():
+            elapsed = timed(fn, device)
+            if round_:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def filter_paths(device, repeats: int) -> None:
+    print("1. spectral filter, forward + backward, B = 128, k = 32 (float32 features)")
+    for d in (12_544, 65_536):
+        x = torch.randn(128, d, device=device, requires_grad=True)
+        upstream = torch.randn(128, d, device=device)
+
+        def step(method):
+            return lambda: spectral_filter(x, 32, method=method).backward(upstream)
+
+        medians = interleaved_medians({"gram": step("gram"), "svd": step("svd")}, repeats, device)
+        print(f"   d = {d:>6}: fast {1e3 * medians['gram']:8.1f} ms, reference "
+              f"{1e3 * medians['svd']:8.1f} ms, speed-up x{medians['svd'] / medians['gram']:.1f}")
+
+
+def training_step(args, device) -> None:
+    print(f"2. training step, preact_resnet18 width {args.width}, B = 128, "
+          f"{args.size}x{args.size}x{args.channels}, EigenGuard k = 32 after layer2")
+    models = {}
+    for name, settings in (("plain", None), ("eigenguard", {}),
+                           ("eigenguard, no running stats", {"track_running_stats": False})):
+        torch.manual_seed(0)
+        model = create_model("preact_resnet18", in_channels=args.channels, num_classes=10,
+                             width=args.width)
+        if settings is not None:
+            guard(model, after="layer2", k=32, **settings)
+        model.to(device).train()
+        models[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    x = torch.randn(128, args.channels, args.size, args.size, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+
+    def step(model, optimizer):
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return run
+
+    medians = interleaved_medians({n: step(*mo) for n, mo in models.items()}, args.repeats,
+                                  device)
+    base = medians["plain"]
+    for name, value in medians.items():
+        print(f"   {name:<30} {1e3 * value:8.1f} ms/step  overhead {100 * (value / base - 1):+6.1f}%")
+    layer = models["eigenguard"][0].layer2_eigenguard
+    held = layer.running_basis.numel() * layer.running_basis.element_size()
+    print(f"3. running statistics: basis {tuple(layer.running_basis.shape)} = {held / 2**20:.2f} MiB "
+          f"(d x r, r = 2k; a d x d matrix would be "
+          f"{layer.running_basis.shape[0] ** 2 * 4 / 2**20:.0f} MiB)")
+    if device.type == "cuda":
+        for name, (model, optimizer) in models.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            step(model, optimizer)()
+            sync(device)
+            print(f"   peak GPU memory, {name:<30} "
+                  f"{torch.cuda.max_memory_allocated(device) / 2**20:8.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--skip-filter", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if not args.skip_filter:
+        filter_paths(device, args.repeats)
+    training_step(args, device)
+
+
+if __name__ == "__main__":
+    main()
