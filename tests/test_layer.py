@@ -278,3 +278,13 @@ def test_reference_svd_path_equals_the_fast_path(scale):
     assert torch.allclose(reference, svd_definition(x, 16, scale=scale).float(), atol=1e-4)
     with pytest.raises(ValueError, match="method"):
         spectral_filter(x, 4, method="qr")
+
+
+def test_token_features_are_filtered_per_sample_across_all_tokens():
+    x = torch.randn(24, 5, 16, dtype=torch.float64)  # (B, N, D)
+    out = spectral_filter(x, 4)
+    assert out.shape == x.shape
+    assert torch.allclose(out, svd_definition(x, 4), atol=1e-10)
+    layer = EigenGuard(k=4, eval_mode="running").train()
+    layer(x.float())
+    assert layer.running_basis.shape == (80, 8)

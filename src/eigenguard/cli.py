@@ -13,7 +13,7 @@ from .attacks import list_attacks
 from .data import list_datasets
 from .defenses import list_defenses
 from .errors import EigenGuardError
-from .evaluate import PROTOCOLS
+from .evaluate import PROTOCOLS, protocols_for
 from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
 from .models import list_models
 from .report import format_table, result_rows
@@ -113,7 +113,7 @@ def cmd_evaluate(args) -> int:
     config = RunConfig.from_dict(stored.config)
     _, test_set = load_data(config, args.data_root)
     model = load_run_model(stored, test_set)
-    protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    protocols = protocols_for(model) if args.protocol == "all" else (args.protocol,)
     evaluate_and_store(store, stored.key, config, model, test_set, protocols,
                        device=_device(args.device), progress=not args.quiet,
                        eval_seed=args.eval_seed)

@@ -13,6 +13,10 @@ class CorruptDataError(EigenGuardError, ValueError):
     """A data file exists but cannot be read as its format says."""
 
 
+class MissingStatisticsError(EigenGuardError, RuntimeError):
+    """A layer is asked for statistics it never collected."""
+
+
 class UnknownNameError(EigenGuardError, KeyError):
     """A model, attack, defense or data set name is not registered."""
 

@@ -109,8 +109,8 @@ def guards_in_mode(model: nn.Module, mode: str):
     try:
         yield
     finally:
-        for layer, mode in zip(guards, saved):
-            layer.eval_mode = mode
+        for layer, saved_mode in zip(guards, saved):
+            layer.eval_mode = saved_mode
 
 
 def evaluate(model: nn.Module, test: ImageSet, attack: Attack, target: int,

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import MissingStatisticsError
+
 SCALES = ("kth", "mean")
 METHODS = ("gram", "svd")
 GRAD_MODES = ("detach",)
@@ -286,7 +288,7 @@ class EigenGuard(nn.Module):
     def running(self, features: torch.Tensor) -> torch.Tensor:
         """Filter each sample alone with the running subspace (batch-independent)."""
         if not self.has_running_stats:
-            raise RuntimeError("EigenGuard has no running statistics: train the model with "
+            raise MissingStatisticsError("EigenGuard has no running statistics: train the model with "
                                "track_running_stats=True before evaluating with eval_mode='running'")
         return running_filter(features, self.running_basis, self.running_power, self.k,
                               self.tail_scale, self.scale, self.rank_rtol)
