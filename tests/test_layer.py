@@ -288,3 +288,12 @@ def test_token_features_are_filtered_per_sample_across_all_tokens():
     layer = EigenGuard(k=4, eval_mode="running").train()
     layer(x.float())
     assert layer.running_basis.shape == (80, 8)
+
+
+def test_nan_features_are_refused_on_every_path():
+    x = torch.randn(8, 10)
+    x[1, 1] = math.nan
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        spectral_filter(x, 2, method="svd")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        EigenGuard(k=2).train()(x)

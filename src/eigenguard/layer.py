@@ -58,6 +58,13 @@ def _check_settings(k, tail_scale, scale, rank_rtol) -> int:
     return k
 
 
+def _check_finite(values: torch.Tensor) -> None:
+    if not torch.isfinite(values).all():
+        raise FloatingPointError(
+            "EigenGuard received non-finite features (NaN or Inf): the layers before it diverged. "
+            "Lower the learning rate or check the input data for NaN values.")
+
+
 def filter_weights(gram: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: str = "kth",
                    rank_rtol: float = DEFAULT_RANK_RTOL) -> torch.Tensor:
     """The B × B matrix P with F' = P F, from the Gram matrix G = F Fᵀ (batched over leading dims).
@@ -67,10 +74,7 @@ def filter_weights(gram: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: 
     """
     k = _check_settings(k, tail_scale, scale, rank_rtol)
     gram = gram.detach().to(torch.float64)
-    if not torch.isfinite(gram).all():
-        raise FloatingPointError(
-            "EigenGuard received non-finite features (NaN or Inf): the layers before it diverged. "
-            "Lower the learning rate or check the input data for NaN values.")
+    _check_finite(gram)
     n = gram.shape[-1]
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
     sigma = eigenvalues.flip(-1).clamp_min(0).sqrt()  # descending singular values of F
@@ -100,9 +104,7 @@ def svd_filter_weights(flat: torch.Tensor, k: int, tail_scale: float = 1e-3, sca
     """The reference path: P from ``torch.linalg.svd`` of F itself (slow; for tests and benchmarks)."""
     k = _check_settings(k, tail_scale, scale, rank_rtol)
     exact = flat.detach().to(torch.float64)
-    if not torch.isfinite(exact).all():
-        raise FloatingPointError("EigenGuard received non-finite features (NaN or Inf): the layers "
-                                 "before it diverged. Lower the learning rate or check the input data.")
+    _check_finite(exact)
     u, sigma, _ = torch.linalg.svd(exact, full_matrices=False)
     gains, k_eff = _gains(sigma, k, tail_scale, scale, rank_rtol)
     top = u[:, :k_eff]
@@ -168,9 +170,7 @@ def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torc
         old = basis.to(work) * (power.to(work).clamp_min(0) * (1 - momentum)).sqrt()
         columns = torch.cat([old, rows.T * math.sqrt(momentum / batch)], dim=1)
     gram = (columns.T @ columns).to(torch.float64)
-    if not torch.isfinite(gram).all():
-        raise FloatingPointError("EigenGuard received non-finite features (NaN or Inf) while "
-                                 "updating its running statistics: lower the learning rate")
+    _check_finite(gram)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues, eigenvectors = eigenvalues.flip(0)[:rank], eigenvectors.flip(1)[:, :rank]
     eigenvalues = eigenvalues.clamp_min(0)
