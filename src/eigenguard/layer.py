@@ -29,11 +29,13 @@ from .errors import MissingStatisticsError
 
 SCALES = ("kth", "mean")
 METHODS = ("gram", "svd")
-GRAD_MODES = ("detach",)
+GRAD_MODES = ("detach", "full")
 EVAL_MODES = ("batch", "running", "identity")
 
 #: singular values at or below this fraction of the largest count as zero when finding k_eff.
 DEFAULT_RANK_RTOL = 1e-5
+#: eigenvalue gaps below this fraction of the largest eigenvalue are smoothed in grad="full".
+DEFAULT_GAP_RTOL = 1e-6
 
 
 def check_k(k) -> int:
@@ -65,32 +67,69 @@ def _check_finite(values: torch.Tensor) -> None:
             "Lower the learning rate or check the input data for NaN values.")
 
 
+class _SafeEigh(torch.autograd.Function):
+    """Symmetric eigendecomposition whose backward pass survives equal eigenvalues.
+
+    The exact derivative of the eigenvectors has factors 1/(λ_j − λ_i). Where two eigenvalues are
+    closer than ``gap_rtol``·max|λ| the filter is (or nearly is) invariant to rotations inside their
+    common eigenspace, and the factor is replaced by the Lorentzian (λ_j − λ_i)/((λ_j − λ_i)² + ε²)
+    with ε = gap_rtol·max|λ|: exact to relative order (ε/gap)² on well-separated spectra, bounded
+    by 1/(2ε) everywhere, so no NaN or Inf reaches the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix, gap_rtol):
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+        ctx.save_for_backward(eigenvalues, eigenvectors)
+        ctx.gap_rtol = gap_rtol
+        return eigenvalues, eigenvectors
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_vectors):
+        eigenvalues, eigenvectors = ctx.saved_tensors
+        inner = torch.zeros_like(eigenvectors)
+        if grad_vectors is not None:
+            gap = eigenvalues.unsqueeze(-2) - eigenvalues.unsqueeze(-1)  # gap[i, j] = λ_j − λ_i
+            eps = ctx.gap_rtol * eigenvalues.abs().amax(-1, keepdim=True).unsqueeze(-1)
+            inverse = gap / (gap * gap + eps * eps).clamp_min(torch.finfo(gap.dtype).tiny)
+            inner = inverse * (eigenvectors.transpose(-1, -2) @ grad_vectors)
+        if grad_values is not None:
+            inner = inner + torch.diag_embed(grad_values)
+        grad = eigenvectors @ inner @ eigenvectors.transpose(-1, -2)
+        return (grad + grad.transpose(-1, -2)) / 2, None
+
+
 def filter_weights(gram: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: str = "kth",
-                   rank_rtol: float = DEFAULT_RANK_RTOL) -> torch.Tensor:
+                   rank_rtol: float = DEFAULT_RANK_RTOL, differentiable: bool = False,
+                   gap_rtol: float = DEFAULT_GAP_RTOL) -> torch.Tensor:
     """The B × B matrix P with F' = P F, from the Gram matrix G = F Fᵀ (batched over leading dims).
 
     Computed in float64 whatever G's dtype: B is small, and the eigenvalues of G are the squared
     singular values of F, so single precision would lose the lower half of the spectrum.
+    With ``differentiable=True`` autograd goes through the eigendecomposition (see _SafeEigh).
     """
     k = _check_settings(k, tail_scale, scale, rank_rtol)
-    gram = gram.detach().to(torch.float64)
+    gram = gram.to(torch.float64) if differentiable else gram.detach().to(torch.float64)
     _check_finite(gram)
     n = gram.shape[-1]
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
-    sigma = eigenvalues.flip(-1).clamp_min(0).sqrt()  # descending singular values of F
+    if differentiable:
+        eigenvalues, eigenvectors = _SafeEigh.apply(gram, gap_rtol)
+    else:
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+    power = eigenvalues.flip(-1)  # descending squared singular values of F
     vectors = eigenvectors.flip(-1)
-    # k_eff: how many of the top k singular values are nonzero, per batch.
-    threshold = sigma[..., :1] * rank_rtol
-    rank = (sigma > threshold).sum(-1, keepdim=True)
-    k_eff = rank.clamp(max=k)
-    position = torch.arange(n, device=gram.device)
-    top = position < k_eff  # (..., n) mask of the directions forced to the common scale
+    with torch.no_grad():  # k_eff: how many of the top k singular values are nonzero, per batch
+        plain = power.clamp_min(0).sqrt()
+        rank = (plain > plain[..., :1] * rank_rtol).sum(-1, keepdim=True)
+        k_eff = rank.clamp(max=k)
+        top = torch.arange(n, device=gram.device) < k_eff  # directions forced to the common scale
+    # square roots only where the value is positive, so no infinite derivative appears elsewhere
+    sigma = torch.where(top, power, torch.ones_like(power)).sqrt()
     if scale == "kth":
         common = sigma.gather(-1, (k_eff - 1).clamp_min(0))
     else:
         common = (sigma * top).sum(-1, keepdim=True) / k_eff.clamp_min(1)
-    safe_sigma = torch.where(top, sigma, torch.ones_like(sigma))
-    gain = torch.where(top, common / safe_sigma - tail_scale, torch.zeros_like(sigma))
+    gain = torch.where(top, common / sigma - tail_scale, torch.zeros_like(sigma))
     weights = (vectors * gain.unsqueeze(-2)) @ vectors.transpose(-1, -2)
     return weights + tail_scale * torch.eye(n, dtype=weights.dtype, device=weights.device)
 
@@ -113,13 +152,15 @@ def svd_filter_weights(flat: torch.Tensor, k: int, tail_scale: float = 1e-3, sca
 
 
 def spectral_filter(features: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: str = "kth",
-                    rank_rtol: float = DEFAULT_RANK_RTOL, method: str = "gram") -> torch.Tensor:
+                    rank_rtol: float = DEFAULT_RANK_RTOL, method: str = "gram",
+                    grad: str = "detach") -> torch.Tensor:
     """Filter a batch of features (B, ...) in its singular basis; returns the input's shape and dtype.
 
     ``method="gram"`` (the fast path) eigendecomposes the B × B Gram matrix; ``method="svd"``
-    (the reference) takes the SVD of the B × d features. The filter matrix is a constant for
-    autograd (the gradient flows through F' = P F with P fixed), which avoids differentiating an
-    eigendecomposition whose spectrum may be degenerate.
+    (the reference) takes the SVD of the B × d features. With ``grad="detach"`` the filter matrix
+    is a constant for autograd (the gradient flows through F' = P F with P fixed); with
+    ``grad="full"`` it is the exact derivative through the eigendecomposition, with near-equal
+    eigenvalues safeguarded (fast path only).
     """
     if features.dim() < 2:
         raise ValueError(f"spectral_filter expects a batch (B, ...) with at least 2 dims, got shape "
@@ -128,13 +169,22 @@ def spectral_filter(features: torch.Tensor, k: int, tail_scale: float = 1e-3, sc
         raise TypeError(f"spectral_filter expects floating-point features, got {features.dtype}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    if grad == "full" and method != "gram":
+        raise ValueError("grad='full' is computed on the fast path: use method='gram'")
     flat = features.reshape(features.shape[0], -1)
-    with torch.no_grad():
-        if method == "svd":
-            weights = svd_filter_weights(flat, k, tail_scale, scale, rank_rtol)
-        else:
-            exact = flat.detach().to(torch.float64)
-            weights = filter_weights(exact @ exact.T, k, tail_scale, scale, rank_rtol)
+    if grad == "full" and torch.is_grad_enabled():
+        exact = flat.to(torch.float64)
+        weights = filter_weights(exact @ exact.T, k, tail_scale, scale, rank_rtol,
+                                 differentiable=True)
+    else:
+        with torch.no_grad():
+            if method == "svd":
+                weights = svd_filter_weights(flat, k, tail_scale, scale, rank_rtol)
+            else:
+                exact = flat.detach().to(torch.float64)
+                weights = filter_weights(exact @ exact.T, k, tail_scale, scale, rank_rtol)
     dtype = _compute_dtype(features.dtype)
     out = weights.to(dtype) @ flat.to(dtype)
     return out.to(features.dtype).reshape(features.shape)
@@ -215,7 +265,8 @@ class EigenGuard(nn.Module):
         k: how many dominant directions are forced to one common scale.
         tail_scale: factor for the remaining singular values (the source uses 1e-3).
         scale: the common scale, ``"kth"`` (the k-th singular value) or ``"mean"`` (mean of the top k).
-        grad: ``"detach"``, the filter matrix is a constant in the backward pass.
+        grad: ``"detach"``: the filter matrix is a constant in the backward pass; ``"full"``: the
+            exact derivative through the eigendecomposition, near-equal eigenvalues safeguarded.
         eval_mode: what the layer does in ``model.eval()``: ``"batch"`` filters each test batch (the
             source's behaviour; a prediction then depends on the rest of its batch), ``"running"``
             filters each image alone with the running subspace estimated during training,
@@ -314,7 +365,7 @@ class EigenGuard(nn.Module):
     def filter(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the filter to a batch, whatever the train/eval state."""
         return spectral_filter(features, self.k, self.tail_scale, self.scale, self.rank_rtol,
-                               self.method)
+                               self.method, self.grad)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.training:
