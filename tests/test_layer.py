@@ -297,3 +297,30 @@ def test_nan_features_are_refused_on_every_path():
         spectral_filter(x, 2, method="svd")
     with pytest.raises(FloatingPointError, match="non-finite"):
         EigenGuard(k=2).train()(x)
+
+
+def test_guard_inside_sequential_and_module_list_containers():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    plain = copy.deepcopy(seq)
+    guard(seq, after="1", k=2)
+    assert list(seq._modules) == ["0", "1", "1_eigenguard", "2"]
+    x = torch.randn(10, 6)
+    assert torch.allclose(seq(x), plain[2](spectral_filter(plain[1](plain[0](x)), 2)), atol=1e-5)
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = Blocks()
+    reference = copy.deepcopy(model)
+    guard(model, after="blocks.0", k=2)
+    assert len(model.blocks) == 2 and hasattr(model, "blocks_0_eigenguard")
+    expected = reference.blocks[1](spectral_filter(reference.blocks[0](x), 2))
+    assert torch.allclose(model(x), expected, atol=1e-5)

@@ -386,12 +386,27 @@ class EigenGuard(nn.Module):
         return self(output)
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _insert_after(sequence: nn.Sequential, leaf: str, name: str, layer: nn.Module) -> None:
+    """Put ``layer`` right after child ``leaf``; the other children keep their names."""
+    children = list(sequence._modules.items())
+    sequence._modules.clear()
+    for child_name, child in children:
+        sequence._modules[child_name] = child
+        if child_name == leaf:
+            sequence._modules[name] = layer
+
+
 def guard(model: nn.Module, after: str, **settings) -> EigenGuard:
     """Insert an EigenGuard layer after the submodule named ``after`` (dotted path) of any model.
 
-    The layer is registered as a sibling named ``<name>_eigenguard`` (so ``.to()``, ``repr`` and
-    ``state_dict`` see it) and runs as a forward hook on that submodule, so the model's own
-    parameter names do not change and checkpoints of the unguarded model still load.
+    Inside an ``nn.Sequential`` the layer becomes the next element, named ``<name>_eigenguard``
+    (the other elements keep their names). Elsewhere it is registered on the nearest enclosing
+    module that is not a container, named ``<path>_eigenguard``, and runs as a forward hook on the
+    target. Either way ``.to()``, ``repr`` and ``state_dict`` see it, the model's own parameter
+    names do not change, and checkpoints of the unguarded model still load.
     """
     try:
         if not after:
@@ -403,14 +418,27 @@ def guard(model: nn.Module, after: str, **settings) -> EigenGuard:
         hint = f"its stages are {list(stages)}" if stages else f"modules include {names[:12]}"
         raise ValueError(f"cannot insert EigenGuard after {after!r}: the model has no such "
                          f"module; {hint}") from None
-    parent_name, _, leaf = after.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    layer_name = f"{leaf}_eigenguard"
-    if hasattr(parent, layer_name):
+    parts = after.split(".")
+    parent = model.get_submodule(".".join(parts[:-1]))
+    if isinstance(parent, nn.Sequential):
+        owner, layer_name = parent, f"{parts[-1]}_eigenguard"
+    else:  # the closest ancestor whose forward does not iterate over its children
+        depth = len(parts) - 1
+        while depth > 0 and isinstance(model.get_submodule(".".join(parts[:depth])), _CONTAINERS):
+            depth -= 1
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(owner, _CONTAINERS):
+            raise ValueError(f"cannot insert EigenGuard after {after!r}: every module around it "
+                             "is a container; wrap the model in a module with its own forward")
+        layer_name = "_".join(parts[depth:]) + "_eigenguard"
+    if hasattr(owner, layer_name):
         raise ValueError(f"an EigenGuard layer already follows {after!r}")
     layer = EigenGuard(**settings)
-    parent.add_module(layer_name, layer)
-    target.register_forward_hook(layer._filter_output)
+    if isinstance(parent, nn.Sequential):
+        _insert_after(parent, parts[-1], layer_name, layer)
+    else:
+        owner.add_module(layer_name, layer)
+        target.register_forward_hook(layer._filter_output)
     return layer
 
 
