@@ -16,7 +16,7 @@ from .errors import EigenGuardError
 from .evaluate import PROTOCOLS, protocols_for
 from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
 from .models import list_models
-from .report import format_table, result_rows
+from .report import format_table, result_rows, wide_rows
 from .store import ResultStore, default_store_path
 from .train import SCHEDULES, TrainConfig
 
@@ -127,7 +127,11 @@ def cmd_report(args) -> int:
     if keys == []:
         print(f"no run key starts with {args.run!r}")
         return 1
-    print(format_table(result_rows(store, keys), markdown=args.markdown))
+    if args.wide:
+        columns, rows = wide_rows(store, keys)
+        print(format_table(rows, columns, markdown=args.markdown))
+    else:
+        print(format_table(result_rows(store, keys), markdown=args.markdown))
     return 0
 
 
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="print the stored runs as a table")
     p.add_argument("--run", default=None, help="only runs whose key starts with this")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--wide", action="store_true",
+                   help="one row per run, ACC / ASR of every protocol side by side")
     p.add_argument("--store", default=None)
     p.set_defaults(handler=cmd_report)
     p = commands.add_parser("list", help="data sets, models, attacks, defenses, protocols")

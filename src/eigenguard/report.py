@@ -35,6 +35,25 @@ def result_rows(store: ResultStore, keys: list[str] | None = None) -> list[tuple
     return rows
 
 
+def wide_rows(store: ResultStore, keys: list[str] | None = None) -> tuple[tuple, list[tuple]]:
+    """One row per finished run, ACC / ASR (%) of every protocol side by side."""
+    columns = ("run", "dataset", "model", "attack", "poison", "defense", "epochs",
+               *(f"{p} ACC/ASR" for p in PROTOCOLS))
+    runs = [store.get_run(k) for k in keys] if keys else store.find_runs()
+    rows = []
+    for run in runs:
+        if run is None or run.status != "finished":
+            continue
+        config = run.config
+        found = {e["protocol"]: e for e in store.evaluations(run.key) if e["seed"] == 0}
+        cells = [f"{100 * found[p]['acc']:.2f} / {100 * found[p]['asr']:.2f}" if p in found
+                 else "-" for p in PROTOCOLS]
+        rows.append((run.key[:8], config["dataset"], f"{config['model']}/{config['width']}",
+                     config["attack"], f"{config['poison_ratio']:.0%}", _defense_label(run),
+                     str(config["train"]["epochs"]), *cells))
+    return columns, rows
+
+
 def format_table(rows: list[tuple], columns: tuple = COLUMNS, markdown: bool = False) -> str:
     if not rows:
         return "no finished runs in the store"
