@@ -16,7 +16,7 @@ from .errors import EigenGuardError
 from .evaluate import PROTOCOLS, protocols_for
 from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
 from .models import list_models
-from .report import format_table, result_rows, wide_rows
+from .report import WIDE_COLUMNS, format_table, result_rows, wide_rows
 from .store import ResultStore, default_store_path
 from .train import SCHEDULES, TrainConfig
 
@@ -128,8 +128,7 @@ def cmd_report(args) -> int:
         print(f"no run key starts with {args.run!r}")
         return 1
     if args.wide:
-        columns, rows = wide_rows(store, keys)
-        print(format_table(rows, columns, markdown=args.markdown))
+        print(format_table(wide_rows(store, keys), WIDE_COLUMNS, markdown=args.markdown))
     else:
         print(format_table(result_rows(store, keys), markdown=args.markdown))
     return 0

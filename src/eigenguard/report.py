@@ -4,8 +4,9 @@ from __future__ import annotations
 from .evaluate import PROTOCOLS
 from .store import ResultStore, StoredRun
 
-COLUMNS = ("run", "dataset", "model", "attack", "poison", "defense", "epochs", "protocol",
-           "eval batch", "ACC %", "ASR %", "RA %")
+RUN_COLUMNS = ("run", "dataset", "model", "attack", "poison", "defense", "epochs")
+COLUMNS = (*RUN_COLUMNS, "protocol", "eval batch", "ACC %", "ASR %", "RA %")
+WIDE_COLUMNS = (*RUN_COLUMNS, *(f"{p} ACC/ASR" for p in PROTOCOLS))
 
 
 def _defense_label(run: StoredRun) -> str:
@@ -17,41 +18,38 @@ def _defense_label(run: StoredRun) -> str:
     return name
 
 
+def _finished_runs(store: ResultStore, keys: list[str] | None) -> list[StoredRun]:
+    runs = [store.get_run(k) for k in keys] if keys else store.find_runs()
+    return [run for run in runs if run is not None and run.status == "finished"]
+
+
+def _run_cells(run: StoredRun) -> tuple:
+    config = run.config
+    return (run.key[:8], config["dataset"], f"{config['model']}/{config['width']}",
+            config["attack"], f"{config['poison_ratio']:.0%}", _defense_label(run),
+            str(config["train"]["epochs"]))
+
+
 def result_rows(store: ResultStore, keys: list[str] | None = None) -> list[tuple]:
     """One row per (finished run, evaluation protocol), runs in the order they started."""
-    runs = [store.get_run(k) for k in keys] if keys else store.find_runs()
     rows = []
-    for run in runs:
-        if run is None or run.status != "finished":
-            continue
-        config = run.config
+    for run in _finished_runs(store, keys):
         evaluations = sorted(store.evaluations(run.key),
                              key=lambda e: (PROTOCOLS.index(e["protocol"]), e["seed"]))
-        for e in evaluations:
-            rows.append((run.key[:8], config["dataset"], f"{config['model']}/{config['width']}",
-                         config["attack"], f"{config['poison_ratio']:.0%}", _defense_label(run),
-                         str(config["train"]["epochs"]), e["protocol"], str(e["batch_size"]),
-                         f"{100 * e['acc']:.2f}", f"{100 * e['asr']:.2f}", f"{100 * e['ra']:.2f}"))
+        rows += [(*_run_cells(run), e["protocol"], str(e["batch_size"]), f"{100 * e['acc']:.2f}",
+                  f"{100 * e['asr']:.2f}", f"{100 * e['ra']:.2f}") for e in evaluations]
     return rows
 
 
-def wide_rows(store: ResultStore, keys: list[str] | None = None) -> tuple[tuple, list[tuple]]:
-    """One row per finished run, ACC / ASR (%) of every protocol side by side."""
-    columns = ("run", "dataset", "model", "attack", "poison", "defense", "epochs",
-               *(f"{p} ACC/ASR" for p in PROTOCOLS))
-    runs = [store.get_run(k) for k in keys] if keys else store.find_runs()
+def wide_rows(store: ResultStore, keys: list[str] | None = None) -> list[tuple]:
+    """One row per finished run, ACC / ASR (%) of every protocol side by side (WIDE_COLUMNS)."""
     rows = []
-    for run in runs:
-        if run is None or run.status != "finished":
-            continue
-        config = run.config
+    for run in _finished_runs(store, keys):
         found = {e["protocol"]: e for e in store.evaluations(run.key) if e["seed"] == 0}
         cells = [f"{100 * found[p]['acc']:.2f} / {100 * found[p]['asr']:.2f}" if p in found
                  else "-" for p in PROTOCOLS]
-        rows.append((run.key[:8], config["dataset"], f"{config['model']}/{config['width']}",
-                     config["attack"], f"{config['poison_ratio']:.0%}", _defense_label(run),
-                     str(config["train"]["epochs"]), *cells))
-    return columns, rows
+        rows.append((*_run_cells(run), *cells))
+    return rows
 
 
 def format_table(rows: list[tuple], columns: tuple = COLUMNS, markdown: bool = False) -> str:
