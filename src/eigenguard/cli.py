@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished runs stay in the store", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (EigenGuardError, ValueError, TypeError, FileNotFoundError) as error:
         if os.environ.get("EIGENGUARD_DEBUG"):
             raise
