@@ -4,7 +4,8 @@ Prints ratios, not absolute claims:
   1. the fast path (B × B Gram matrix) against the reference path (SVD of the B × d features),
      forward + backward, B = 128, d = 12,544 and 65,536;
   2. a PreAct-ResNet18 training step with and without EigenGuard (and without running statistics);
-  3. the memory the running statistics hold, and peak GPU memory where a GPU is used.
+  3. the memory the running statistics hold, peak GPU memory where a GPU is used, and peak
+     process memory (RSS) of a few CPU training steps, each variant in a fresh process.
 
     python benchmarks/layer.py [--device cuda] [--repeats 7] [--width 16] [--size 28]
 
@@ -13,7 +14,10 @@ Timings interleave the variants and report medians.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -65,8 +69,7 @@ def training_step(args, device) -> None:
     print(f"2. training step, preact_resnet18 width {args.width}, B = 128, "
           f"{args.size}x{args.size}x{args.channels}, EigenGuard k = 32 after layer2")
     models = {}
-    for name, settings in (("plain", None), ("eigenguard", {}),
-                           ("eigenguard, no running stats", {"track_running_stats": False})):
+    for name, settings in VARIANTS.items():
         torch.manual_seed(0)
         model = create_model("preact_resnet18", in_channels=args.channels, num_classes=10,
                              width=args.width)
@@ -103,6 +106,40 @@ def training_step(args, device) -> None:
                   f"{torch.cuda.max_memory_allocated(device) / 2**20:8.1f} MiB")
 
 
+VARIANTS = {"plain": None, "eigenguard": {},
+            "eigenguard, no running stats": {"track_running_stats": False}}
+
+
+def memory_child(args, variant: str) -> None:
+    """Run a few training steps of one variant and print the process's peak RSS in KiB."""
+    settings = VARIANTS[variant]
+    model = create_model("preact_resnet18", in_channels=args.channels, num_classes=10,
+                         width=args.width)
+    if settings is not None:
+        guard(model, after="layer2", k=32, **settings)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(128, args.channels, args.size, args.size)
+    y = torch.randint(0, 10, (128,))
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def peak_cpu_memory(args) -> None:
+    print("4. peak process memory (RSS) over 3 CPU training steps, each variant in a fresh process")
+    peaks = {}
+    for variant in VARIANTS:
+        command = [sys.executable, __file__, "--memory-child", variant, "--width", str(args.width),
+                   "--size", str(args.size), "--channels", str(args.channels)]
+        peaks[variant] = int(subprocess.run(command, capture_output=True, text=True,
+                                            check=True).stdout.split()[-1])
+    for variant, peak in peaks.items():
+        print(f"   {variant:<30} {peak / 1024:8.1f} MiB  "
+              f"({(peak - peaks['plain']) / 1024:+7.1f} MiB vs plain)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,12 +148,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--skip-filter", action="store_true")
+    parser.add_argument("--memory-child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args, args.memory_child)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if not args.skip_filter:
         filter_paths(device, args.repeats)
     training_step(args, device)
+    if device.type == "cpu":
+        peak_cpu_memory(args)
 
 
 if __name__ == "__main__":
