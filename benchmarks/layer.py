@@ -14,7 +14,6 @@ Timings interleave the variants and report medians.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,7 +110,7 @@ VARIANTS = {"plain": None, "eigenguard": {},
 
 
 def memory_child(args, variant: str) -> None:
-    """Run a few training steps of one variant and print the process's peak RSS in KiB."""
+    """Print the peak RSS (KiB) of training steps 2 and 3 of one variant (Linux only)."""
     settings = VARIANTS[variant]
     model = create_model("preact_resnet18", in_channels=args.channels, num_classes=10,
                          width=args.width)
@@ -120,21 +119,29 @@ def memory_child(args, variant: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(128, args.channels, args.size, args.size)
     y = torch.randint(0, 10, (128,))
-    for _ in range(3):
+    for step in range(3):
+        if step == 1:  # after a warm-up step: reset the high-water mark (Linux)
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    with open("/proc/self/status") as handle:
+        print(next(line.split()[1] for line in handle if line.startswith("VmHWM")))
 
 
 def peak_cpu_memory(args) -> None:
-    print("4. peak process memory (RSS) over 3 CPU training steps, each variant in a fresh process")
-    peaks = {}
-    for variant in VARIANTS:
-        command = [sys.executable, __file__, "--memory-child", variant, "--width", str(args.width),
-                   "--size", str(args.size), "--channels", str(args.channels)]
-        peaks[variant] = int(subprocess.run(command, capture_output=True, text=True,
-                                            check=True).stdout.split()[-1])
+    print("4. peak process memory (RSS) of CPU training steps after a warm-up step, each variant "
+          "in a fresh process")
+    samples = {variant: [] for variant in VARIANTS}
+    for _ in range(args.memory_repeats):  # interleaved; the allocator makes single runs noisy
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, "--memory-child", variant, "--width",
+                       str(args.width), "--size", str(args.size), "--channels", str(args.channels)]
+            samples[variant].append(int(subprocess.run(command, capture_output=True, text=True,
+                                                       check=True).stdout.split()[-1]))
+    peaks = {variant: statistics.median(values) for variant, values in samples.items()}
+    print(f"   median of {args.memory_repeats} processes per variant")
     for variant, peak in peaks.items():
         print(f"   {variant:<30} {peak / 1024:8.1f} MiB  "
               f"({(peak - peaks['plain']) / 1024:+7.1f} MiB vs plain)")
@@ -148,6 +155,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--skip-filter", action="store_true")
+    parser.add_argument("--memory-repeats", type=int, default=5)
     parser.add_argument("--memory-child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -157,7 +165,7 @@ def main() -> None:
     if not args.skip_filter:
         filter_paths(device, args.repeats)
     training_step(args, device)
-    if device.type == "cpu":
+    if device.type == "cpu" and sys.platform == "linux":
         peak_cpu_memory(args)
 
 
