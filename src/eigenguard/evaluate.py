@@ -189,15 +189,12 @@ def _features_before(model, layer: EigenGuard, images, data, batch_size, device)
 
 @contextmanager
 def _guard_output(layer: EigenGuard, features: torch.Tensor):
-    """Make ``layer`` return ``features`` instead of filtering its input."""
-    saved = layer.eval_mode
-    layer.eval_mode = "identity"
+    """Make ``layer`` return ``features`` (the layer itself runs in identity mode meanwhile)."""
     handle = layer.register_forward_hook(lambda module, args, output: features)
     try:
         yield
     finally:
         handle.remove()
-        layer.eval_mode = saved
 
 
 @torch.no_grad()
@@ -250,7 +247,7 @@ def mixed_logits(model: nn.Module, test: ImageSet, triggered: TriggeredTestSet, 
         dense.scatter_(1, comp, weights[:, :m])
         filtered = dense @ clean_work + weights[:, m:] * rows_t.to(work_dtype)
         filtered = filtered.to(dtype).reshape(-1, *shape)
-        with _guard_output(layer, filtered):
+        with guards_in_mode(model, "identity"), _guard_output(layer, filtered):
             batch = triggered.images[start:start + chunk].to(device)
             logits.append(model(model_input(batch, test)).cpu())
         bar.update(c)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
@@ -23,7 +23,6 @@ class DefenseContext:
     build_model: Callable[[], nn.Module]
     train_model: Callable[[nn.Module, ImageSet], list]
     clean_subset: ImageSet | None = None
-    history: list = field(default_factory=list)
 
 
 class Defense:

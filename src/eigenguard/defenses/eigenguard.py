@@ -40,5 +40,5 @@ class EigenGuardDefense(Defense):
 
     def defend(self, context: DefenseContext):
         model = self.prepare_model(context.build_model())
-        context.history.extend(context.train_model(model, context.poisoned.data))
+        context.train_model(model, context.poisoned.data)
         return model

@@ -12,5 +12,5 @@ from .registry import register_defense
 class NoDefense(Defense):
     def defend(self, context: DefenseContext):
         model = context.build_model()
-        context.history.extend(context.train_model(model, context.poisoned.data))
+        context.train_model(model, context.poisoned.data)
         return model
