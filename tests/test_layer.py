@@ -269,6 +269,19 @@ def test_running_mode_without_statistics_says_how_to_get_them():
         EigenGuard(k=8, sketch_rank=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_blocked_gram_is_the_float64_product(dtype):
+    from eigenguard.layer import GRAM_BLOCK_BYTES, exact_gram
+    rows = torch.randn(16, 3 * GRAM_BLOCK_BYTES // (8 * 16) + 5).to(dtype)  # 3 blocks and a rest
+    exact = rows.to(torch.float64)
+    gram = exact_gram(rows)
+    assert gram.dtype == torch.float64
+    assert torch.allclose(gram, exact @ exact.T, rtol=1e-13, atol=1e-10)
+    wide = spectral_filter(torch.cat([rows.float()] * 2), 4)  # B = 32, still several blocks
+    assert torch.allclose(wide, svd_definition(torch.cat([rows.float()] * 2), 4).float(),
+                          atol=1e-4)
+
+
 @pytest.mark.parametrize("scale", ["kth", "mean"])
 def test_reference_svd_path_equals_the_fast_path(scale):
     x = torch.cat([low_rank(30, 200, rank=5), torch.randn(50, 200)])
