@@ -89,7 +89,8 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert "small_cnn/8" in capsys.readouterr().out
     assert main(["report", "--store", store, "--wide", "--markdown"]) == 0
     wide = capsys.readouterr().out.splitlines()
-    assert wide[0].startswith("| run |") and "running ACC/ASR" in wide[0]
+    assert wide[0].startswith("| run | commit |") and "running ACC/ASR" in wide[0]
+    assert "| 0 | 1 |" in wide[2]  # seed 0, 1 epoch
     assert len(wide) == 3 and wide[2].endswith("| - | - | - |")  # unguarded: triggered only
     key = ResultStore(store).find_runs()[0].key
     assert main(["evaluate", "--run", key[:6], "--protocol", "triggered", *common]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .evaluate import PROTOCOLS
 from .store import ResultStore, StoredRun
 
-RUN_COLUMNS = ("run", "dataset", "model", "attack", "poison", "defense", "epochs")
+RUN_COLUMNS = ("run", "commit", "dataset", "model", "attack", "poison", "defense", "seed", "epochs")
 COLUMNS = (*RUN_COLUMNS, "protocol", "eval batch", "ACC %", "ASR %", "RA %")
 WIDE_COLUMNS = (*RUN_COLUMNS, *(f"{p} ACC/ASR" for p in PROTOCOLS))
 
@@ -23,11 +23,18 @@ def _finished_runs(store: ResultStore, keys: list[str] | None) -> list[StoredRun
     return [run for run in runs if run is not None and run.status == "finished"]
 
 
+def _short_commit(commit: str | None) -> str:
+    if not commit:
+        return "-"
+    return commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def _run_cells(run: StoredRun) -> tuple:
+    """The run's identity: key, the source commit it ran at (rerun there for the same digits), setup."""
     config = run.config
-    return (run.key[:8], config["dataset"], f"{config['model']}/{config['width']}",
+    return (run.key[:8], _short_commit(run.git_commit), config["dataset"], f"{config['model']}/{config['width']}",
             config["attack"], f"{config['poison_ratio']:.0%}", _defense_label(run),
-            str(config["train"]["epochs"]))
+            str(config["seed"]), str(config["train"]["epochs"]))
 
 
 def result_rows(store: ResultStore, keys: list[str] | None = None) -> list[tuple]:
