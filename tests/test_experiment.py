@@ -92,6 +92,13 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert wide[0].startswith("| run | commit |") and "running ACC/ASR" in wide[0]
     assert "| 0 | 1 |" in wide[2]  # seed 0, 1 epoch
     assert len(wide) == 3 and wide[2].endswith("| - | - | - |")  # unguarded: triggered only
+    assert main(["report", "--store", store, "--where", "train.epochs=1", "--where",
+                 "model=small_cnn"]) == 0
+    assert "small_cnn/8" in capsys.readouterr().out
+    assert main(["report", "--store", store, "--where", "poison_ratio=0.01"]) == 1
+    assert "no stored run matches poison_ratio=0.01" in capsys.readouterr().out
+    assert main(["report", "--store", store, "--where", "poison_ratio"]) == 2
+    assert "PATH=VALUE" in capsys.readouterr().err
     key = ResultStore(store).find_runs()[0].key
     assert main(["evaluate", "--run", key[:6], "--protocol", "triggered", *common]) == 0
     assert key[:8] in capsys.readouterr().out
@@ -105,3 +112,17 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert "k must be >= 1" in capsys.readouterr().err
     assert main(["run", "--k", "4", *common]) == 2
     assert "--defense eigenguard" in capsys.readouterr().err
+
+
+def test_report_where_conditions_read_json_values_and_dotted_paths():
+    from eigenguard.report import config_matches, parse_condition
+    config = {"poison_ratio": 0.01, "seed": 1, "defense_settings": {"after": "layer1", "k": 32},
+              "width": None}
+    assert config_matches(config, [parse_condition("poison_ratio=0.01"),
+                                   parse_condition("defense_settings.after=layer1"),
+                                   parse_condition("defense_settings.k=32")])
+    assert config_matches(config, [parse_condition("width=null")])
+    assert not config_matches(config, [parse_condition("seed=0")])
+    assert not config_matches(config, [parse_condition("defense_settings.k=32.5")])
+    assert not config_matches(config, [parse_condition("defense_settings.missing=1")])
+    assert not config_matches(config, [parse_condition("seed.inner=1")])

@@ -16,7 +16,7 @@ from .errors import EigenGuardError
 from .evaluate import PROTOCOLS, protocols_for
 from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
 from .models import list_models
-from .report import WIDE_COLUMNS, format_table, result_rows, wide_rows
+from .report import WIDE_COLUMNS, format_table, result_rows, select_runs, wide_rows
 from .store import ResultStore, default_store_path
 from .train import SCHEDULES, TrainConfig
 
@@ -123,9 +123,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_report(args) -> int:
     store = ResultStore(args.store)
-    keys = [r.key for r in store.find_runs(args.run)] if args.run else None
+    keys = select_runs(store, args.run or "", args.where) if args.run or args.where else None
     if keys == []:
-        print(f"no run key starts with {args.run!r}")
+        print("no stored run matches " + " and ".join(
+            ([f"key prefix {args.run!r}"] if args.run else []) + args.where))
         return 1
     if args.wide:
         print(format_table(wide_rows(store, keys), WIDE_COLUMNS, markdown=args.markdown))
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
     p = commands.add_parser("report", help="print the stored runs as a table")
     p.add_argument("--run", default=None, help="only runs whose key starts with this")
+    p.add_argument("--where", action="append", default=[], metavar="PATH=VALUE",
+                   help="only runs whose config has this value, e.g. poison_ratio=0.01 or "
+                        "defense_settings.after=layer1 (repeat to combine)")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--wide", action="store_true",
                    help="one row per run, ACC / ASR of every protocol side by side")

@@ -1,7 +1,10 @@
 """Tables read back from the result store."""
 from __future__ import annotations
 
+import json
+
 from .evaluate import PROTOCOLS
+from .errors import EigenGuardError
 from .store import ResultStore, StoredRun
 
 RUN_COLUMNS = ("run", "commit", "dataset", "model", "attack", "poison", "defense", "seed", "epochs")
@@ -16,6 +19,41 @@ def _defense_label(run: StoredRun) -> str:
         return (f"eigenguard(k={settings.get('k')}, after={settings.get('after')}, "
                 f"tail={settings.get('tail_scale')}, scale={settings.get('scale')})")
     return name
+
+
+def parse_condition(text: str) -> tuple[list[str], object]:
+    """``"defense_settings.after=layer1"`` -> (["defense_settings", "after"], "layer1").
+
+    The value is read as JSON when it parses (``0.01``, ``32``, ``true``, ``null``), else as text.
+    """
+    path, sep, value = text.partition("=")
+    if not sep or not path:
+        raise EigenGuardError(f"--where expects PATH=VALUE, for example poison_ratio=0.01 or "
+                              f"defense_settings.after=layer1; got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return path.split("."), parsed
+
+
+def config_matches(config: dict, conditions: list[tuple[list[str], object]]) -> bool:
+    """Whether every (path, value) condition holds in a run's resolved config."""
+    for path, value in conditions:
+        node = config
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        if node != value:
+            return False
+    return True
+
+
+def select_runs(store: ResultStore, prefix: str = "", where: list[str] = ()) -> list[str]:
+    """Keys of the stored runs whose key starts with ``prefix`` and whose config meets ``where``."""
+    conditions = [parse_condition(text) for text in where]
+    return [run.key for run in store.find_runs(prefix) if config_matches(run.config, conditions)]
 
 
 def _finished_runs(store: ResultStore, keys: list[str] | None) -> list[StoredRun]:
