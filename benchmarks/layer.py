@@ -7,7 +7,7 @@ Prints ratios, not absolute claims:
   3. the memory the running statistics hold, peak GPU memory where a GPU is used, and peak
      process memory (RSS) of a few CPU training steps, each variant in a fresh process.
 
-    python benchmarks/layer.py [--device cuda] [--repeats 7] [--width 16] [--size 28]
+    python benchmarks/layer.py [--device cuda] [--repeats 7] [--width 16] [--size 28] [--after layer1]
 
 Timings interleave the variants and report medians.
 """
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from eigenguard import create_model, guard
-from eigenguard.layer import spectral_filter
+from eigenguard.defenses.eigenguard import EigenGuardDefense
+from eigenguard.layer import find_guards, spectral_filter
 
 
 def sync(device: torch.device) -> None:
@@ -66,14 +67,14 @@ def filter_paths(device, repeats: int) -> None:
 
 def training_step(args, device) -> None:
     print(f"2. training step, preact_resnet18 width {args.width}, B = 128, "
-          f"{args.size}x{args.size}x{args.channels}, EigenGuard k = 32 after layer2")
+          f"{args.size}x{args.size}x{args.channels}, EigenGuard k = 32 after {args.after}")
     models = {}
     for name, settings in VARIANTS.items():
         torch.manual_seed(0)
         model = create_model("preact_resnet18", in_channels=args.channels, num_classes=10,
                              width=args.width)
         if settings is not None:
-            guard(model, after="layer2", k=32, **settings)
+            guard(model, after=args.after, k=32, **settings)
         model.to(device).train()
         models[name] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     x = torch.randn(128, args.channels, args.size, args.size, device=device)
@@ -91,7 +92,7 @@ def training_step(args, device) -> None:
     base = medians["plain"]
     for name, value in medians.items():
         print(f"   {name:<30} {1e3 * value:8.1f} ms/step  overhead {100 * (value / base - 1):+6.1f}%")
-    layer = models["eigenguard"][0].layer2_eigenguard
+    layer = find_guards(models["eigenguard"][0])[0][1]
     held = layer.running_basis.numel() * layer.running_basis.element_size()
     print(f"3. running statistics: basis {tuple(layer.running_basis.shape)} = {held / 2**20:.2f} MiB "
           f"(d x r, r = 2k; a d x d matrix would be "
@@ -115,7 +116,7 @@ def memory_child(args, variant: str) -> None:
     model = create_model("preact_resnet18", in_channels=args.channels, num_classes=10,
                          width=args.width)
     if settings is not None:
-        guard(model, after="layer2", k=32, **settings)
+        guard(model, after=args.after, k=32, **settings)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(128, args.channels, args.size, args.size)
     y = torch.randint(0, 10, (128,))
@@ -137,7 +138,8 @@ def peak_cpu_memory(args) -> None:
     for _ in range(args.memory_repeats):  # interleaved; the allocator makes single runs noisy
         for variant in VARIANTS:
             command = [sys.executable, __file__, "--memory-child", variant, "--width",
-                       str(args.width), "--size", str(args.size), "--channels", str(args.channels)]
+                       str(args.width), "--size", str(args.size), "--channels", str(args.channels),
+                       "--after", args.after]
             samples[variant].append(int(subprocess.run(command, capture_output=True, text=True,
                                                        check=True).stdout.split()[-1]))
     peaks = {variant: statistics.median(values) for variant, values in samples.items()}
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--after", default=EigenGuardDefense.after,
+                        help="module the layer follows (default: the defense's default)")
     parser.add_argument("--skip-filter", action="store_true")
     parser.add_argument("--memory-repeats", type=int, default=5)
     parser.add_argument("--memory-child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
