@@ -215,6 +215,19 @@ def test_running_subspace_is_the_moving_average_of_the_second_moment():
     assert torch.allclose(estimate, exact, atol=1e-5)
 
 
+def test_training_step_reuses_the_filters_gram_matrix_for_the_running_update():
+    torch.manual_seed(0)
+    layer = EigenGuard(k=4, sketch_rank=8).train()
+    batches = [torch.randn(16, 3, 5, 5) for _ in range(3)]
+    basis, power = torch.zeros(0), torch.zeros(0)
+    for batch in batches:
+        out = layer(batch)
+        assert torch.allclose(out, spectral_filter(batch, 4))
+        basis, power = update_running_subspace(basis, power, batch.flatten(1), 0.1, rank=8)
+    assert torch.allclose(layer.running_basis, basis, atol=1e-5)
+    assert torch.allclose(layer.running_power, power, rtol=1e-5)
+
+
 def test_running_subspace_keeps_the_top_r_directions_in_o_of_r_d_memory():
     g = torch.Generator().manual_seed(1)
     strong = torch.randn(3, 500, generator=g, dtype=torch.float64)  # a rank-3 dominant part

@@ -188,6 +188,13 @@ def spectral_filter(features: torch.Tensor, k: int, tail_scale: float = 1e-3, sc
     ``grad="full"`` it is the exact derivative through the eigendecomposition, with near-equal
     eigenvalues safeguarded (fast path only).
     """
+    flat = _flatten_batch(features, method, grad)
+    weights, _ = _filter_matrix(flat, k, tail_scale, scale, rank_rtol, method, grad)
+    return _apply_filter(weights, flat, features)
+
+
+def _flatten_batch(features: torch.Tensor, method: str, grad: str) -> torch.Tensor:
+    """Check the input and the path settings; the features as rows, (B, d)."""
     if features.dim() < 2:
         raise ValueError(f"spectral_filter expects a batch (B, ...) with at least 2 dims, got shape "
                          f"{tuple(features.shape)}; add a batch dimension with x.unsqueeze(0)")
@@ -199,18 +206,24 @@ def spectral_filter(features: torch.Tensor, k: int, tail_scale: float = 1e-3, sc
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     if grad == "full" and method != "gram":
         raise ValueError("grad='full' is computed on the fast path: use method='gram'")
-    flat = features.reshape(features.shape[0], -1)
+    return features.reshape(features.shape[0], -1)
+
+
+def _filter_matrix(flat, k, tail_scale, scale, rank_rtol, method, grad):
+    """The filter matrix P, and the float64 Gram matrix F Fᵀ it came from (None on the SVD path)."""
     if grad == "full" and torch.is_grad_enabled():
         exact = flat.to(torch.float64)
-        weights = filter_weights(exact @ exact.T, k, tail_scale, scale, rank_rtol,
-                                 differentiable=True)
-    else:
-        with torch.no_grad():
-            if method == "svd":
-                weights = svd_filter_weights(flat, k, tail_scale, scale, rank_rtol)
-            else:
-                weights = filter_weights(exact_gram(flat.detach()), k, tail_scale, scale,
-                                         rank_rtol)
+        gram = exact @ exact.T
+        weights = filter_weights(gram, k, tail_scale, scale, rank_rtol, differentiable=True)
+        return weights, gram.detach()
+    with torch.no_grad():
+        if method == "svd":
+            return svd_filter_weights(flat, k, tail_scale, scale, rank_rtol), None
+        gram = exact_gram(flat.detach())
+        return filter_weights(gram, k, tail_scale, scale, rank_rtol), gram
+
+
+def _apply_filter(weights: torch.Tensor, flat: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(features.dtype)
     out = weights.to(dtype) @ flat.to(dtype)
     return out.to(features.dtype).reshape(features.shape)
@@ -228,24 +241,36 @@ def _gains(sigma: torch.Tensor, k: int, tail_scale: float, scale: str, rank_rtol
 
 
 def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torch.Tensor,
-                            momentum: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+                            momentum: float, rank: int,
+                            batch_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of an exponential moving average of the feature second moment E[x xᵀ], kept at rank r.
 
     ``basis`` (d × r) and ``power`` (r) hold M ≈ V diag(λ) Vᵀ. The new M is
-    (1 − m)·M + m·FᵀF / B = A Aᵀ with A = [V·sqrt((1 − m)λ), sqrt(m / B)·Fᵀ], whose top r
-    eigenpairs come from the small (r + B) × (r + B) matrix AᵀA: memory O(r·d), never d × d.
+    (1 − m)·M + m·FᵀF / B = A Aᵀ with A = [V·a, s·Fᵀ], a = sqrt((1 − m)λ), s = sqrt(m / B), whose
+    top r eigenpairs come from the small (r + B) × (r + B) matrix AᵀA: memory O(r·d), never d × d.
+    AᵀA is assembled from blocks: a·(VᵀV)·a, the cross term a·(V ᵀFᵀ)·s and s²·F Fᵀ, the batch Gram
+    matrix that the filter has already computed (pass it as ``batch_gram`` to skip the product).
     An empty ``basis`` starts the estimate from this batch alone.
     """
     work = _compute_dtype(flat.dtype)  # float32 products suffice for the dominant subspace
     rows = flat.detach().to(work)
     batch = rows.shape[0]
+    if batch_gram is None:
+        batch_gram = exact_gram(rows)
     if basis.numel() == 0:
-        momentum = 1.0
-        columns = rows.T * math.sqrt(1.0 / batch)
+        momentum, old_weight = 1.0, torch.zeros(0, dtype=torch.float64, device=rows.device)
     else:
-        old = basis.to(work) * (power.to(work).clamp_min(0) * (1 - momentum)).sqrt()
-        columns = torch.cat([old, rows.T * math.sqrt(momentum / batch)], dim=1)
-    gram = (columns.T @ columns).to(torch.float64)
+        old_weight = (power.to(torch.float64).clamp_min(0) * (1 - momentum)).sqrt()
+    new_weight = math.sqrt(momentum / batch)
+    old = basis.to(work)
+    r = old.shape[1] if basis.numel() else 0
+    gram = torch.empty(r + batch, r + batch, dtype=torch.float64, device=rows.device)
+    gram[r:, r:] = batch_gram.to(torch.float64) * new_weight ** 2
+    if r:
+        cross = (rows @ old).T.to(torch.float64) * old_weight.unsqueeze(1) * new_weight
+        gram[:r, :r] = (old.T @ old).to(torch.float64) * torch.outer(old_weight, old_weight)
+        gram[:r, r:] = cross
+        gram[r:, :r] = cross.T
     _check_finite(gram)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues, eigenvectors = eigenvalues.flip(0)[:rank], eigenvectors.flip(1)[:, :rank]
@@ -254,7 +279,10 @@ def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torc
     noise = torch.finfo(work).eps * gram.shape[0]
     keep = eigenvalues > eigenvalues[:1] * noise
     scale = torch.where(keep, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
-    new_basis = (columns @ (eigenvectors * scale).to(work))
+    coefficients = eigenvectors * scale  # new basis = A · coefficients
+    new_basis = rows.T @ (coefficients[r:] * new_weight).to(work)
+    if r:
+        new_basis = new_basis + old @ (coefficients[:r] * old_weight.unsqueeze(1)).to(work)
     new_power = torch.where(keep, eigenvalues, torch.zeros_like(eigenvalues))
     if new_basis.shape[1] < rank:  # fewer columns than the sketch rank so far: pad with zeros
         pad = rank - new_basis.shape[1]
@@ -351,14 +379,16 @@ class EigenGuard(nn.Module):
         return self.running_basis.numel() > 0
 
     @torch.no_grad()
-    def update_running_stats(self, features: torch.Tensor) -> None:
-        """Fold one batch into the running subspace estimate."""
+    def update_running_stats(self, features: torch.Tensor,
+                             batch_gram: torch.Tensor | None = None) -> None:
+        """Fold one batch into the running subspace estimate (``batch_gram``: F Fᵀ if known)."""
         flat = features.reshape(features.shape[0], -1)
         if self.has_running_stats and self.running_basis.shape[0] != flat.shape[1]:
             raise ValueError(f"EigenGuard running statistics are for {self.running_basis.shape[0]} "
                              f"features, got {flat.shape[1]}: the layer sees another shape")
         basis, power = update_running_subspace(self.running_basis, self.running_power,
-                                               flat.float(), self.momentum, self.sketch_rank)
+                                               flat.float(), self.momentum, self.sketch_rank,
+                                               batch_gram)
         self.running_basis, self.running_power = basis, power
         self.num_batches_tracked += 1
 
@@ -395,9 +425,12 @@ class EigenGuard(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.training:
-            if self.track_running_stats:
-                self.update_running_stats(features)
-            return self.filter(features)
+            flat = _flatten_batch(features, self.method, self.grad)
+            weights, gram = _filter_matrix(flat, self.k, self.tail_scale, self.scale,
+                                           self.rank_rtol, self.method, self.grad)
+            if self.track_running_stats:  # the filter's Gram matrix serves the running update
+                self.update_running_stats(features, gram)
+            return _apply_filter(weights, flat, features)
         if self.eval_mode == "identity":
             return features
         if self.eval_mode == "running":
