@@ -107,7 +107,7 @@ def training_step(args, device) -> None:
 
 
 VARIANTS = {"plain": None, "eigenguard": {},
-            "eigenguard, no running stats": {"track_running_stats": False}}
+            "eigenguard, no running stats": {"track_running_stats": False, "eval_mode": "batch"}}
 
 
 def memory_child(args, variant: str) -> None:

@@ -65,7 +65,7 @@ def test_der_follows_its_definition():
 def guarded_model(seed=0, k=8):
     torch.manual_seed(seed)
     model = create_model("small_cnn", in_channels=1, num_classes=10, width=8)
-    guard(model, after="block2", k=k)
+    guard(model, after="block2", k=k, eval_mode="batch")  # the batch-dependent behaviour under test
     return model.eval()
 
 

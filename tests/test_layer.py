@@ -148,9 +148,16 @@ def test_eval_modes():
     assert torch.equal(layer(x), x)
     layer.train()
     assert not torch.allclose(layer(x), x)
-    batch_layer = EigenGuard(k=2).eval()
+    batch_layer = EigenGuard(k=2, eval_mode="batch").eval()
     assert torch.allclose(batch_layer(x), spectral_filter(x, 2))
     assert "k=2" in repr(batch_layer) and "eval_mode='batch'" in repr(batch_layer)
+    default = EigenGuard(k=2)  # the default is batch-independent: each row alone
+    assert "eval_mode='running'" in repr(default)
+    default.train()(x)
+    default.eval()
+    assert torch.allclose(default(x)[:1], default(x[:1]), atol=1e-6)
+    with pytest.raises(ValueError, match="eval_mode='batch' or eval_mode='identity'"):
+        EigenGuard(k=2, track_running_stats=False)
 
 
 class TwoStage(nn.Module):

@@ -50,9 +50,10 @@ def _add_run_arguments(parser):
     parser.add_argument("--k", type=int, help="EigenGuard: dominant directions (default 32)")
     parser.add_argument("--tail-scale", type=float, help="EigenGuard: tail factor (default 1e-3)")
     parser.add_argument("--scale", choices=("kth", "mean"), help="EigenGuard: common scale")
-    parser.add_argument("--after", help="EigenGuard: module to insert it after (default layer2)")
+    parser.add_argument("--after", help="EigenGuard: module to insert it after (default layer1, "
+                        "the first stage of the ResNets)")
     parser.add_argument("--eval-mode", choices=("batch", "running", "identity"),
-                        help="EigenGuard at evaluation time (default batch)")
+                        help="EigenGuard at evaluation time (default running)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)

@@ -321,10 +321,10 @@ class EigenGuard(nn.Module):
         scale: the common scale, ``"kth"`` (the k-th singular value) or ``"mean"`` (mean of the top k).
         grad: ``"detach"``: the filter matrix is a constant in the backward pass; ``"full"``: the
             exact derivative through the eigendecomposition, near-equal eigenvalues safeguarded.
-        eval_mode: what the layer does in ``model.eval()``: ``"batch"`` filters each test batch (the
-            source's behaviour; a prediction then depends on the rest of its batch), ``"running"``
-            filters each image alone with the running subspace estimated during training,
-            ``"identity"`` passes features through.
+        eval_mode: what the layer does in ``model.eval()``: ``"running"`` (the default) filters each
+            image alone with the running subspace estimated during training, so a prediction does
+            not depend on the rest of its batch; ``"batch"`` filters each test batch (the source's
+            behaviour); ``"identity"`` passes features through.
         track_running_stats: keep, during training, a running estimate of the dominant feature
             subspace (buffers ``running_basis`` d × r and ``running_power`` r, like BatchNorm's
             running statistics; they travel in the state_dict). Required by ``eval_mode="running"``.
@@ -334,7 +334,7 @@ class EigenGuard(nn.Module):
     """
 
     def __init__(self, k: int = 32, tail_scale: float = 1e-3, scale: str = "kth",
-                 grad: str = "detach", eval_mode: str = "batch",
+                 grad: str = "detach", eval_mode: str = "running",
                  rank_rtol: float = DEFAULT_RANK_RTOL, track_running_stats: bool = True,
                  momentum: float = 0.1, sketch_rank: int | None = None, method: str = "gram"):
         super().__init__()
@@ -346,7 +346,9 @@ class EigenGuard(nn.Module):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if eval_mode == "running" and not track_running_stats:
-            raise ValueError("eval_mode='running' needs track_running_stats=True")
+            raise ValueError("eval_mode='running' (the default) filters with the running statistics, "
+                             "so it needs track_running_stats=True; without them pass "
+                             "eval_mode='batch' or eval_mode='identity'")
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
         if sketch_rank is not None and (isinstance(sketch_rank, bool) or

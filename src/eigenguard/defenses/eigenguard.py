@@ -16,9 +16,9 @@ class EigenGuardDefense(Defense):
     k: int = 32
     tail_scale: float = 1e-3
     scale: str = "kth"
-    after: str = "layer2"
+    after: str = "layer1"
     grad: str = "detach"
-    eval_mode: str = "batch"
+    eval_mode: str = "running"
     track_running_stats: bool = True
     momentum: float = 0.1
     sketch_rank: int | None = None
