@@ -17,7 +17,8 @@ def _defense_label(run: StoredRun) -> str:
     settings = run.config.get("defense_settings") or {}
     if name == "eigenguard":
         return (f"eigenguard(k={settings.get('k')}, after={settings.get('after')}, "
-                f"tail={settings.get('tail_scale')}, scale={settings.get('scale')})")
+                f"tail={settings.get('tail_scale')}, scale={settings.get('scale')}, "
+                f"eval={settings.get('eval_mode')})")
     return name
 
 
