@@ -248,7 +248,7 @@ def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torc
     ``basis`` (d × r) and ``power`` (r) hold M ≈ V diag(λ) Vᵀ. The new M is
     (1 − m)·M + m·FᵀF / B = A Aᵀ with A = [V·a, s·Fᵀ], a = sqrt((1 − m)λ), s = sqrt(m / B), whose
     top r eigenpairs come from the small (r + B) × (r + B) matrix AᵀA: memory O(r·d), never d × d.
-    AᵀA is assembled from blocks: a·(VᵀV)·a, the cross term a·(V ᵀFᵀ)·s and s²·F Fᵀ, the batch Gram
+    AᵀA is assembled from blocks: a·(VᵀV)·a, the cross term a·(VᵀFᵀ)·s and s²·F Fᵀ, the batch Gram
     matrix that the filter has already computed (pass it as ``batch_gram`` to skip the product).
     An empty ``basis`` starts the estimate from this batch alone.
     """
@@ -257,16 +257,15 @@ def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torc
     batch = rows.shape[0]
     if batch_gram is None:
         batch_gram = exact_gram(rows)
-    if basis.numel() == 0:
-        momentum, old_weight = 1.0, torch.zeros(0, dtype=torch.float64, device=rows.device)
-    else:
-        old_weight = (power.to(torch.float64).clamp_min(0) * (1 - momentum)).sqrt()
+    r = basis.shape[1] if basis.numel() else 0
+    if not r:
+        momentum = 1.0
     new_weight = math.sqrt(momentum / batch)
-    old = basis.to(work)
-    r = old.shape[1] if basis.numel() else 0
     gram = torch.empty(r + batch, r + batch, dtype=torch.float64, device=rows.device)
     gram[r:, r:] = batch_gram.to(torch.float64) * new_weight ** 2
     if r:
+        old = basis.to(work)
+        old_weight = (power.to(torch.float64).clamp_min(0) * (1 - momentum)).sqrt()
         cross = (rows @ old).T.to(torch.float64) * old_weight.unsqueeze(1) * new_weight
         gram[:r, :r] = (old.T @ old).to(torch.float64) * torch.outer(old_weight, old_weight)
         gram[:r, r:] = cross
