@@ -95,6 +95,11 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert main(["report", "--store", store, "--where", "train.epochs=1", "--where",
                  "model=small_cnn"]) == 0
     assert "small_cnn/8" in capsys.readouterr().out
+    key = ResultStore(store).find_runs()[0].key
+    assert main(["report", "--store", store, "--run", "zzz", "--run", key[:4]]) == 0
+    assert key[:8] in capsys.readouterr().out
+    assert main(["report", "--store", store, "--run", "zzz"]) == 1
+    assert "no stored run matches key prefix 'zzz'" in capsys.readouterr().out
     assert main(["report", "--store", store, "--where", "poison_ratio=0.01"]) == 1
     assert "no stored run matches poison_ratio=0.01" in capsys.readouterr().out
     assert main(["report", "--store", store, "--where", "poison_ratio"]) == 2

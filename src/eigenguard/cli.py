@@ -124,10 +124,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_report(args) -> int:
     store = ResultStore(args.store)
-    keys = select_runs(store, args.run or "", args.where) if args.run or args.where else None
+    keys = select_runs(store, args.run, args.where) if args.run or args.where else None
     if keys == []:
-        print("no stored run matches " + " and ".join(
-            ([f"key prefix {args.run!r}"] if args.run else []) + args.where))
+        prefixes = [f"key prefix {' or '.join(map(repr, args.run))}"] if args.run else []
+        print("no stored run matches " + " and ".join(prefixes + args.where))
         return 1
     if args.wide:
         print(format_table(wide_rows(store, keys), WIDE_COLUMNS, markdown=args.markdown))
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler=cmd_evaluate)
     p = commands.add_parser("report", help="print the stored runs as a table")
-    p.add_argument("--run", default=None, help="only runs whose key starts with this")
+    p.add_argument("--run", action="append", default=[],
+                   help="only runs whose key starts with this (repeat for several runs)")
     p.add_argument("--where", action="append", default=[], metavar="PATH=VALUE",
                    help="only runs whose config has this value, e.g. poison_ratio=0.01 or "
                         "defense_settings.after=layer1 (repeat to combine)")

@@ -51,10 +51,13 @@ def config_matches(config: dict, conditions: list[tuple[list[str], object]]) -> 
     return True
 
 
-def select_runs(store: ResultStore, prefix: str = "", where: list[str] = ()) -> list[str]:
-    """Keys of the stored runs whose key starts with ``prefix`` and whose config meets ``where``."""
+def select_runs(store: ResultStore, prefixes: list[str] = (), where: list[str] = ()) -> list[str]:
+    """Keys of the stored runs (in start order) whose key starts with one of ``prefixes`` (any key
+    when there are none) and whose config meets every ``where`` condition."""
     conditions = [parse_condition(text) for text in where]
-    return [run.key for run in store.find_runs(prefix) if config_matches(run.config, conditions)]
+    return [run.key for run in store.find_runs()
+            if (not prefixes or any(run.key.startswith(p) for p in prefixes))
+            and config_matches(run.config, conditions)]
 
 
 def _finished_runs(store: ResultStore, keys: list[str] | None) -> list[StoredRun]:
