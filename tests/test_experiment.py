@@ -131,3 +131,17 @@ def test_report_where_conditions_read_json_values_and_dotted_paths():
     assert not config_matches(config, [parse_condition("defense_settings.k=32.5")])
     assert not config_matches(config, [parse_condition("defense_settings.missing=1")])
     assert not config_matches(config, [parse_condition("seed.inner=1")])
+
+
+def test_report_sorts_runs_by_config_values(tmp_path):
+    from eigenguard.report import select_runs
+    store = ResultStore(tmp_path / "s.sqlite")
+    settings = [("a", {"k": 8, "after": "layer2"}), ("b", None), ("c", {"k": 32, "after": "layer1"}),
+                ("d", {"k": 4, "after": "layer2"})]
+    for key, defense in settings:
+        store.start_run(key, {"defense_settings": defense} if defense else {}, {}, None)
+    assert select_runs(store) == ["a", "b", "c", "d"]
+    assert select_runs(store, sort=["defense_settings.k"]) == ["b", "d", "a", "c"]
+    assert select_runs(store, sort=["defense_settings.after", "defense_settings.k"]) == \
+        ["b", "c", "d", "a"]
+    assert select_runs(store, prefixes=["c", "a"], sort=["defense_settings.k"]) == ["a", "c"]

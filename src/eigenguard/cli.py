@@ -124,7 +124,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_report(args) -> int:
     store = ResultStore(args.store)
-    keys = select_runs(store, args.run, args.where) if args.run or args.where else None
+    selected = args.run or args.where or args.sort
+    keys = select_runs(store, args.run, args.where, args.sort) if selected else None
     if keys == []:
         prefixes = [f"key prefix {' or '.join(map(repr, args.run))}"] if args.run else []
         print("no stored run matches " + " and ".join(prefixes + args.where))
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="PATH=VALUE",
                    help="only runs whose config has this value, e.g. poison_ratio=0.01 or "
                         "defense_settings.after=layer1 (repeat to combine)")
+    p.add_argument("--sort", action="append", default=[], metavar="PATH",
+                   help="order the runs by this config value, e.g. defense_settings.k (repeat: "
+                        "the first one decides first; default: the order they started)")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--wide", action="store_true",
                    help="one row per run, ACC / ASR of every protocol side by side")

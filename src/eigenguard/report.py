@@ -38,26 +38,44 @@ def parse_condition(text: str) -> tuple[list[str], object]:
     return path.split("."), parsed
 
 
+_MISSING = object()
+
+
+def config_value(config: dict, path: list[str]):
+    """The value at a dotted path of a run's config, or _MISSING."""
+    node = config
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
 def config_matches(config: dict, conditions: list[tuple[list[str], object]]) -> bool:
     """Whether every (path, value) condition holds in a run's resolved config."""
-    for path, value in conditions:
-        node = config
-        for part in path:
-            if not isinstance(node, dict) or part not in node:
-                return False
-            node = node[part]
-        if node != value:
-            return False
-    return True
+    return all(config_value(config, path) == value for path, value in conditions)
 
 
-def select_runs(store: ResultStore, prefixes: list[str] = (), where: list[str] = ()) -> list[str]:
-    """Keys of the stored runs (in start order) whose key starts with one of ``prefixes`` (any key
-    when there are none) and whose config meets every ``where`` condition."""
+def select_runs(store: ResultStore, prefixes: list[str] = (), where: list[str] = (),
+                sort: list[str] = ()) -> list[str]:
+    """Keys of the stored runs whose key starts with one of ``prefixes`` (any key when there are
+    none) and whose config meets every ``where`` condition; in start order, or ordered by the
+    config values at the dotted paths in ``sort`` (runs without the value first)."""
     conditions = [parse_condition(text) for text in where]
-    return [run.key for run in store.find_runs()
+    runs = [run for run in store.find_runs()
             if (not prefixes or any(run.key.startswith(p) for p in prefixes))
             and config_matches(run.config, conditions)]
+    for path in reversed([text.split(".") for text in sort]):  # stable: last path sorts first
+        runs.sort(key=lambda run: _sort_key(config_value(run.config, path)))
+    return [run.key for run in runs]
+
+
+def _sort_key(value) -> tuple:
+    if value is _MISSING or value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, str(value))
 
 
 def _finished_runs(store: ResultStore, keys: list[str] | None) -> list[StoredRun]:

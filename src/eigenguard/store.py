@@ -130,7 +130,7 @@ class ResultStore:
 
     def find_runs(self, prefix: str = "") -> list[StoredRun]:
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT * FROM runs WHERE key LIKE ? ORDER BY started",
+            rows = db.execute("SELECT * FROM runs WHERE key LIKE ? ORDER BY started, rowid",
                               (prefix + "%",)).fetchall()
         return [self._to_run(row) for row in rows]
 
