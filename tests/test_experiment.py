@@ -145,3 +145,14 @@ def test_report_sorts_runs_by_config_values(tmp_path):
     assert select_runs(store, sort=["defense_settings.after", "defense_settings.k"]) == \
         ["b", "c", "d", "a"]
     assert select_runs(store, prefixes=["c", "a"], sort=["defense_settings.k"]) == ["a", "c"]
+
+
+def test_cli_eigenguard_flags_reach_the_layer_settings():
+    from eigenguard.cli import build_parser, config_from_args
+    args = build_parser().parse_args(["run", "--defense", "eigenguard", "--k", "8", "--after",
+                                      "layer2", "--eval-mode", "batch", "--stats-every", "1"])
+    settings = config_from_args(args).resolved()["defense_settings"]
+    assert (settings["k"], settings["after"], settings["eval_mode"], settings["stats_every"]) == \
+        (8, "layer2", "batch", 1)
+    default = config_from_args(build_parser().parse_args(["run", "--defense", "eigenguard"]))
+    assert default.resolved()["defense_settings"]["stats_every"] == 2

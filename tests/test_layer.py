@@ -222,17 +222,27 @@ def test_running_subspace_is_the_moving_average_of_the_second_moment():
     assert torch.allclose(estimate, exact, atol=1e-5)
 
 
-def test_training_step_reuses_the_filters_gram_matrix_for_the_running_update():
+@pytest.mark.parametrize("stats_every", [1, 2, 3])
+def test_training_folds_every_nth_batch_into_the_running_statistics(stats_every):
     torch.manual_seed(0)
-    layer = EigenGuard(k=4, sketch_rank=8).train()
-    batches = [torch.randn(16, 3, 5, 5) for _ in range(3)]
+    layer = EigenGuard(k=4, sketch_rank=8, stats_every=stats_every).train()
+    batches = [torch.randn(16, 3, 5, 5) for _ in range(7)]
     basis, power = torch.zeros(0), torch.zeros(0)
-    for batch in batches:
+    for index, batch in enumerate(batches):
         out = layer(batch)
-        assert torch.allclose(out, spectral_filter(batch, 4))
-        basis, power = update_running_subspace(basis, power, batch.flatten(1), 0.1, rank=8)
+        assert torch.equal(out, spectral_filter(batch, 4))  # training does not depend on it
+        if index % stats_every == 0:  # the first batch, then every stats_every-th
+            basis, power = update_running_subspace(basis, power, batch.flatten(1), 0.1, rank=8)
+    # the update reuses the filter's Gram matrix: same result as the standalone update
     assert torch.allclose(layer.running_basis, basis, atol=1e-5)
     assert torch.allclose(layer.running_power, power, rtol=1e-5)
+    assert layer.num_batches_tracked.item() == len(range(0, 7, stats_every))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_stats_every_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="stats_every must be an integer >= 1"):
+        EigenGuard(stats_every=bad)
 
 
 def test_running_subspace_keeps_the_top_r_directions_in_o_of_r_d_memory():
@@ -261,7 +271,7 @@ def test_running_mode_is_batch_independent_and_travels_in_the_state_dict(tmp_pat
 
     torch.manual_seed(0)
     model = TwoStage()
-    layer = guard(model, after="stem", k=3, eval_mode="running")
+    layer = guard(model, after="stem", k=3, eval_mode="running", stats_every=1)
     model.train()
     for _ in range(3):
         model(torch.randn(20, 1, 6, 6))

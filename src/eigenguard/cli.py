@@ -54,6 +54,8 @@ def _add_run_arguments(parser):
                         "the first stage of the ResNets)")
     parser.add_argument("--eval-mode", choices=("batch", "running", "identity"),
                         help="EigenGuard at evaluation time (default running)")
+    parser.add_argument("--stats-every", type=int, help="EigenGuard: fold one training batch in "
+                        "every N into the running statistics (default 2)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -75,7 +77,7 @@ def config_from_args(args) -> RunConfig:
         train["augment"] = False
     defense_settings = {}
     if args.defense == "eigenguard":
-        for name in ("k", "tail_scale", "scale", "after", "eval_mode"):
+        for name in ("k", "tail_scale", "scale", "after", "eval_mode", "stats_every"):
             if getattr(args, name) is not None:
                 defense_settings[name] = getattr(args, name)
     elif any(getattr(args, n) is not None for n in ("k", "tail_scale", "scale", "after")):

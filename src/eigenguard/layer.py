@@ -327,7 +327,11 @@ class EigenGuard(nn.Module):
         track_running_stats: keep, during training, a running estimate of the dominant feature
             subspace (buffers ``running_basis`` d × r and ``running_power`` r, like BatchNorm's
             running statistics; they travel in the state_dict). Required by ``eval_mode="running"``.
-        momentum: weight of each new training batch in the running estimate.
+        momentum: weight of each batch folded into the running estimate.
+        stats_every: fold one training batch in every ``stats_every`` into the running estimate
+            (the first always); the update costs about as much as the filter after an early
+            stage, and a moving average with momentum 0.1 does not need every batch. Training
+            itself is the same for every value: the running statistics are used only at test time.
         sketch_rank: r, the rank of the running estimate (default 2k).
         method: ``"gram"`` (fast: B × B Gram matrix) or ``"svd"`` (reference: SVD of the features).
     """
@@ -335,7 +339,8 @@ class EigenGuard(nn.Module):
     def __init__(self, k: int = 32, tail_scale: float = 1e-3, scale: str = "kth",
                  grad: str = "detach", eval_mode: str = "running",
                  rank_rtol: float = DEFAULT_RANK_RTOL, track_running_stats: bool = True,
-                 momentum: float = 0.1, sketch_rank: int | None = None, method: str = "gram"):
+                 momentum: float = 0.1, stats_every: int = 2, sketch_rank: int | None = None,
+                 method: str = "gram"):
         super().__init__()
         self.k = _check_settings(k, tail_scale, scale, rank_rtol)
         if grad not in GRAD_MODES:
@@ -350,6 +355,10 @@ class EigenGuard(nn.Module):
                              "eval_mode='batch' or eval_mode='identity'")
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        if isinstance(stats_every, bool) or not isinstance(stats_every, numbers.Integral) or \
+                stats_every < 1:
+            raise ValueError(f"stats_every must be an integer >= 1 (1: fold every training batch "
+                             f"into the running statistics), got {stats_every!r}")
         if sketch_rank is not None and (isinstance(sketch_rank, bool) or
                                         not isinstance(sketch_rank, numbers.Integral) or
                                         sketch_rank < self.k):
@@ -361,6 +370,8 @@ class EigenGuard(nn.Module):
         self.rank_rtol = float(rank_rtol)
         self.track_running_stats = bool(track_running_stats)
         self.momentum = float(momentum)
+        self.stats_every = int(stats_every)
+        self._batches_since_update = 0
         self.sketch_rank = int(sketch_rank) if sketch_rank is not None else 2 * self.k
         self.method = method
         # sized on the first training batch, when the feature dimension d is known
@@ -373,7 +384,7 @@ class EigenGuard(nn.Module):
         return dict(k=self.k, tail_scale=self.tail_scale, scale=self.scale, grad=self.grad,
                     eval_mode=self.eval_mode, rank_rtol=self.rank_rtol,
                     track_running_stats=self.track_running_stats, momentum=self.momentum,
-                    sketch_rank=self.sketch_rank, method=self.method)
+                    stats_every=self.stats_every, sketch_rank=self.sketch_rank, method=self.method)
 
     @property
     def has_running_stats(self) -> bool:
@@ -382,7 +393,10 @@ class EigenGuard(nn.Module):
     @torch.no_grad()
     def update_running_stats(self, features: torch.Tensor,
                              batch_gram: torch.Tensor | None = None) -> None:
-        """Fold one batch into the running subspace estimate (``batch_gram``: F Fᵀ if known)."""
+        """Fold one batch into the running subspace estimate (``batch_gram``: F Fᵀ if known).
+
+        ``num_batches_tracked`` counts the batches folded in.
+        """
         flat = features.reshape(features.shape[0], -1)
         if self.has_running_stats and self.running_basis.shape[0] != flat.shape[1]:
             raise ValueError(f"EigenGuard running statistics are for {self.running_basis.shape[0]} "
@@ -392,6 +406,12 @@ class EigenGuard(nn.Module):
                                                batch_gram)
         self.running_basis, self.running_power = basis, power
         self.num_batches_tracked += 1
+
+    def _stats_due(self) -> bool:
+        """Whether this training batch is folded into the running statistics (every stats_every-th)."""
+        due = not self.has_running_stats or self._batches_since_update >= self.stats_every - 1
+        self._batches_since_update = 0 if due else self._batches_since_update + 1
+        return due
 
     def running(self, features: torch.Tensor) -> torch.Tensor:
         """Filter each sample alone with the running subspace (batch-independent)."""
@@ -429,8 +449,8 @@ class EigenGuard(nn.Module):
             flat = _flatten_batch(features, self.method, self.grad)
             weights, gram = _filter_matrix(flat, self.k, self.tail_scale, self.scale,
                                            self.rank_rtol, self.method, self.grad)
-            if self.track_running_stats:  # the filter's Gram matrix serves the running update
-                self.update_running_stats(features, gram)
+            if self.track_running_stats and self._stats_due():
+                self.update_running_stats(features, gram)  # reuses the filter's Gram matrix
             return _apply_filter(weights, flat, features)
         if self.eval_mode == "identity":
             return features

@@ -21,6 +21,7 @@ class EigenGuardDefense(Defense):
     eval_mode: str = "running"
     track_running_stats: bool = True
     momentum: float = 0.1
+    stats_every: int = 2
     sketch_rank: int | None = None
     method: str = "gram"
 
@@ -30,7 +31,8 @@ class EigenGuardDefense(Defense):
     def layer_settings(self) -> dict:
         settings = dict(k=self.k, tail_scale=self.tail_scale, scale=self.scale, grad=self.grad,
                         eval_mode=self.eval_mode, track_running_stats=self.track_running_stats,
-                        momentum=self.momentum, sketch_rank=self.sketch_rank, method=self.method)
+                        momentum=self.momentum, stats_every=self.stats_every,
+                        sketch_rank=self.sketch_rank, method=self.method)
         EigenGuard(**settings)
         return settings
 
