@@ -140,11 +140,15 @@ def test_report_sorts_runs_by_config_values(tmp_path):
                 ("d", {"k": 4, "after": "layer2"})]
     for key, defense in settings:
         store.start_run(key, {"defense_settings": defense} if defense else {}, {}, None)
-    assert select_runs(store) == ["a", "b", "c", "d"]
-    assert select_runs(store, sort=["defense_settings.k"]) == ["b", "d", "a", "c"]
-    assert select_runs(store, sort=["defense_settings.after", "defense_settings.k"]) == \
+
+    def keys(*args, **kwargs):
+        return [run.key for run in select_runs(*args, **kwargs)]
+
+    assert keys(store) == ["a", "b", "c", "d"]
+    assert keys(store, sort=["defense_settings.k"]) == ["b", "d", "a", "c"]
+    assert keys(store, sort=["defense_settings.after", "defense_settings.k"]) == \
         ["b", "c", "d", "a"]
-    assert select_runs(store, prefixes=["c", "a"], sort=["defense_settings.k"]) == ["a", "c"]
+    assert keys(store, prefixes=["c", "a"], sort=["defense_settings.k"]) == ["a", "c"]
 
 
 def test_cli_eigenguard_flags_reach_the_layer_settings():

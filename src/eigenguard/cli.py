@@ -101,7 +101,7 @@ def cmd_run(args) -> int:
         print(f"[{result.key}] already in {store.path}; stored result (use --force to rerun):")
     else:
         print(f"[{result.key}] finished in {result.wall_seconds:.0f}s, stored in {store.path}")
-    print(format_table(result_rows(store, [result.key])))
+    print(format_table(result_rows(store, [store.get_run(result.key)])))
     return 0
 
 
@@ -120,22 +120,22 @@ def cmd_evaluate(args) -> int:
     evaluate_and_store(store, stored.key, config, model, test_set, protocols,
                        device=_device(args.device), progress=not args.quiet,
                        eval_seed=args.eval_seed)
-    print(format_table(result_rows(store, [stored.key])))
+    print(format_table(result_rows(store, [store.get_run(stored.key)])))
     return 0
 
 
 def cmd_report(args) -> int:
     store = ResultStore(args.store)
     selected = args.run or args.where or args.sort
-    keys = select_runs(store, args.run, args.where, args.sort) if selected else None
-    if keys == []:
+    runs = select_runs(store, args.run, args.where, args.sort) if selected else None
+    if runs == []:
         prefixes = [f"key prefix {' or '.join(map(repr, args.run))}"] if args.run else []
         print("no stored run matches " + " and ".join(prefixes + args.where))
         return 1
     if args.wide:
-        print(format_table(wide_rows(store, keys), WIDE_COLUMNS, markdown=args.markdown))
+        print(format_table(wide_rows(store, runs), WIDE_COLUMNS, markdown=args.markdown))
     else:
-        print(format_table(result_rows(store, keys), markdown=args.markdown))
+        print(format_table(result_rows(store, runs), markdown=args.markdown))
     return 0
 
 

@@ -18,7 +18,7 @@ def _defense_label(run: StoredRun) -> str:
     if name == "eigenguard":
         return (f"eigenguard(k={settings.get('k')}, after={settings.get('after')}, "
                 f"tail={settings.get('tail_scale')}, scale={settings.get('scale')}, "
-                f"eval={settings.get('eval_mode')})")
+                f"eval={settings.get('eval_mode')}, stats_every={settings.get('stats_every', 1)})")
     return name
 
 
@@ -57,17 +57,17 @@ def config_matches(config: dict, conditions: list[tuple[list[str], object]]) -> 
 
 
 def select_runs(store: ResultStore, prefixes: list[str] = (), where: list[str] = (),
-                sort: list[str] = ()) -> list[str]:
-    """Keys of the stored runs whose key starts with one of ``prefixes`` (any key when there are
-    none) and whose config meets every ``where`` condition; in start order, or ordered by the
-    config values at the dotted paths in ``sort`` (runs without the value first)."""
+                sort: list[str] = ()) -> list[StoredRun]:
+    """The stored runs whose key starts with one of ``prefixes`` (any key when there are none)
+    and whose config meets every ``where`` condition; in start order, or ordered by the config
+    values at the dotted paths in ``sort`` (runs without the value first)."""
     conditions = [parse_condition(text) for text in where]
     runs = [run for run in store.find_runs()
             if (not prefixes or any(run.key.startswith(p) for p in prefixes))
             and config_matches(run.config, conditions)]
     for path in reversed([text.split(".") for text in sort]):  # stable: last path sorts first
         runs.sort(key=lambda run: _sort_key(config_value(run.config, path)))
-    return [run.key for run in runs]
+    return runs
 
 
 def _sort_key(value) -> tuple:
@@ -78,9 +78,18 @@ def _sort_key(value) -> tuple:
     return (2, 0, str(value))
 
 
-def _finished_runs(store: ResultStore, keys: list[str] | None) -> list[StoredRun]:
-    runs = [store.get_run(k) for k in keys] if keys else store.find_runs()
-    return [run for run in runs if run is not None and run.status == "finished"]
+def _finished_runs(store: ResultStore, runs: list[StoredRun] | None) -> list[StoredRun]:
+    runs = store.find_runs() if runs is None else runs
+    return [run for run in runs if run.status == "finished"]
+
+
+def _evaluations_by_run(store: ResultStore, runs: list[StoredRun]) -> dict[str, list[dict]]:
+    """Each run's evaluations, read in one query."""
+    grouped: dict[str, list[dict]] = {run.key: [] for run in runs}
+    for evaluation in store.evaluations():
+        if evaluation["run_key"] in grouped:
+            grouped[evaluation["run_key"]].append(evaluation)
+    return grouped
 
 
 def _short_commit(commit: str | None) -> str:
@@ -97,22 +106,27 @@ def _run_cells(run: StoredRun) -> tuple:
             str(config["seed"]), str(config["train"]["epochs"]))
 
 
-def result_rows(store: ResultStore, keys: list[str] | None = None) -> list[tuple]:
-    """One row per (finished run, evaluation protocol), runs in the order they started."""
+def result_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
+    """One row per (finished run, evaluation protocol); all finished runs in start order when
+    ``runs`` is None."""
     rows = []
-    for run in _finished_runs(store, keys):
-        evaluations = sorted(store.evaluations(run.key),
+    runs = _finished_runs(store, runs)
+    evaluations_of = _evaluations_by_run(store, runs)
+    for run in runs:
+        evaluations = sorted(evaluations_of[run.key],
                              key=lambda e: (PROTOCOLS.index(e["protocol"]), e["seed"]))
         rows += [(*_run_cells(run), e["protocol"], str(e["batch_size"]), f"{100 * e['acc']:.2f}",
                   f"{100 * e['asr']:.2f}", f"{100 * e['ra']:.2f}") for e in evaluations]
     return rows
 
 
-def wide_rows(store: ResultStore, keys: list[str] | None = None) -> list[tuple]:
+def wide_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
     """One row per finished run, ACC / ASR (%) of every protocol side by side (WIDE_COLUMNS)."""
     rows = []
-    for run in _finished_runs(store, keys):
-        found = {e["protocol"]: e for e in store.evaluations(run.key) if e["seed"] == 0}
+    runs = _finished_runs(store, runs)
+    evaluations_of = _evaluations_by_run(store, runs)
+    for run in runs:
+        found = {e["protocol"]: e for e in evaluations_of[run.key] if e["seed"] == 0}
         cells = [f"{100 * found[p]['acc']:.2f} / {100 * found[p]['asr']:.2f}" if p in found
                  else "-" for p in PROTOCOLS]
         rows.append((*_run_cells(run), *cells))
