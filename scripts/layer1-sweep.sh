@@ -2,8 +2,8 @@
 # The one-factor sweep around EigenGuard's defaults (docs/EIGENGUARD.md): Fashion-MNIST, BadNets at
 # 10% and 1% poison, PreAct-ResNet18 width 16, 4 epochs, the layer after layer1 with
 # eval_mode running (the defaults), one setting changed at a time; then the defaults and no
-# defense again at seed 1. Every trained model is evaluated under all four protocols.
-# 14 runs of about 6 minutes each on a 2-core CPU, the most telling first; runs already in the
+# defense again at seeds 1 and 2. Every trained model is evaluated under all four protocols.
+# 18 runs of about 6 minutes each on a 2-core CPU, the most telling first; runs already in the
 # store are skipped.
 #
 #   sh scripts/layer1-sweep.sh              # store: $EIGENGUARD_STORE or the default store
@@ -16,7 +16,9 @@ for k in 16 64; do
 done
 for ratio in 0.1 0.01; do $EG run --quiet --defense eigenguard --poison-ratio $ratio --tail-scale 0.1; done
 for ratio in 0.1 0.01; do $EG run --quiet --defense eigenguard --poison-ratio $ratio --scale mean; done
-for ratio in 0.1 0.01; do
-    $EG run --quiet --defense none --poison-ratio $ratio --seed 1
-    $EG run --quiet --defense eigenguard --poison-ratio $ratio --seed 1
+for seed in 1 2; do
+    for ratio in 0.1 0.01; do
+        $EG run --quiet --defense none --poison-ratio $ratio --seed $seed
+        $EG run --quiet --defense eigenguard --poison-ratio $ratio --seed $seed
+    done
 done
