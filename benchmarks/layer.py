@@ -4,8 +4,9 @@ Prints ratios, not absolute claims:
   1. the fast path (B × B Gram matrix) against the reference path (SVD of the B × d features),
      forward + backward, B = 128, d = 12,544 and 65,536;
   2. a PreAct-ResNet18 training step with and without EigenGuard (and without running statistics);
-  3. the memory the running statistics hold, peak GPU memory where a GPU is used, and peak
-     process memory (RSS) of a few CPU training steps, each variant in a fresh process.
+  3. the memory the running statistics hold, the time of each piece of the layer's work, peak
+     GPU memory where a GPU is used, and peak process memory (RSS) of a few CPU training steps,
+     each variant in a fresh process.
 
     python benchmarks/layer.py [--device cuda] [--repeats 7] [--steps 4] [--width 16] [--size 28] [--after layer1]
 
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 from eigenguard import create_model, guard
 from eigenguard.defenses.eigenguard import EigenGuardDefense
-from eigenguard.layer import find_guards, spectral_filter
+from eigenguard.layer import (exact_gram, filter_weights, find_guards, spectral_filter,
+                              update_running_subspace)
 
 
 def sync(device: torch.device) -> None:
@@ -101,6 +103,7 @@ def training_step(args, device) -> None:
     print(f"3. running statistics: basis {tuple(layer.running_basis.shape)} = {held / 2**20:.2f} MiB "
           f"(d x r, r = 2k; a d x d matrix would be "
           f"{layer.running_basis.shape[0] ** 2 * 4 / 2**20:.0f} MiB)")
+    layer_pieces(layer.running_basis.shape[0], device, args.repeats, base / args.steps)
     if device.type == "cuda":
         for name, (model, optimizer) in models.items():
             torch.cuda.reset_peak_memory_stats(device)
@@ -108,6 +111,26 @@ def training_step(args, device) -> None:
             sync(device)
             print(f"   peak GPU memory, {name:<30} "
                   f"{torch.cuda.max_memory_allocated(device) / 2**20:8.1f} MiB")
+
+
+def layer_pieces(d: int, device, repeats: int, step_seconds: float) -> None:
+    """Time each piece of the layer's work on a batch of 128 features of the inserted size d."""
+    x = torch.randn(128, d, device=device)
+    gram = exact_gram(x)
+    weights = filter_weights(gram, 32).float()
+    basis, power = update_running_subspace(torch.zeros(0, device=device),
+                                           torch.zeros(0, device=device), x, 0.1, 64)
+    pieces = {
+        "Gram matrix F F^T (float64)": lambda: exact_gram(x),
+        "filter matrix P (eigh, 128 x 128)": lambda: filter_weights(gram, 32),
+        "P F (forward; backward once more)": lambda: weights @ x,
+        "running update (one fold)": lambda: update_running_subspace(basis, power, x, 0.1, 64,
+                                                                     gram),
+    }
+    medians = interleaved_medians(pieces, repeats, device)
+    print(f"   the layer's pieces at d = {d}, B = 128, per call (share of a plain training step):")
+    for name, value in medians.items():
+        print(f"   {name:<36} {1e3 * value:8.2f} ms  ({100 * value / step_seconds:4.1f}%)")
 
 
 VARIANTS = {"plain": None, "eigenguard": {},

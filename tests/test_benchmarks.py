@@ -17,4 +17,7 @@ def test_layer_benchmark_prints_every_variant_and_the_memory_held():
                                                "eigenguard, no running stats"]
     assert float(overheads[0][1]) == 0.0
     assert "basis (128, 64) = 0.03 MiB" in out  # d = 2 channels * 8 * 8 after layer1, r = 2k
+    pieces = re.findall(r"^\s+(.+?)\s+[\d.]+ ms\s+\(\s*[\d.]+%\)", out, re.M)
+    assert pieces == ["Gram matrix F F^T (float64)", "filter matrix P (eigh, 128 x 128)",
+                      "P F (forward; backward once more)", "running update (one fold)"]
     assert len(re.findall(r"MiB vs plain", out)) == 4
