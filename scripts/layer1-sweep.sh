@@ -4,11 +4,13 @@
 # eval_mode running (the defaults), one setting changed at a time; then the defaults and no
 # defense again at seeds 1 and 2; then, at seed 1 and 10% poison, every batch folded into the
 # running statistics (stats_every 1) and k = 16. Every trained model is evaluated under all four
-# protocols. 20 runs of about 6 minutes each on a 2-core CPU, the most telling first; runs already in the
-# store are skipped.
+# protocols. 20 runs of about 6 minutes each on a 2-core CPU, the most telling first; runs
+# already in the store are skipped.
 #
 #   sh scripts/layer1-sweep.sh              # store: $EIGENGUARD_STORE or the default store
-#   .venv/bin/eigenguard report --wide --markdown --where defense_settings.after=layer1
+#   .venv/bin/eigenguard report --wide --markdown --where poison_ratio=0.1 \
+#       --where defense_settings.after=layer1 --where defense_settings.eval_mode=running \
+#       --sort seed --sort defense_settings.k --sort defense_settings.stats_every
 set -e
 EG=${EG:-.venv/bin/eigenguard}
 for ratio in 0.1 0.01; do $EG run --quiet --defense eigenguard --poison-ratio $ratio; done
