@@ -120,7 +120,7 @@ def cmd_evaluate(args) -> int:
     evaluate_and_store(store, stored.key, config, model, test_set, protocols,
                        device=_device(args.device), progress=not args.quiet,
                        eval_seed=args.eval_seed)
-    print(format_table(result_rows(store, [store.get_run(stored.key)])))
+    print(format_table(result_rows(store, [stored])))
     return 0
 
 

@@ -38,9 +38,14 @@ DEFAULT_RANK_RTOL = 1e-5
 DEFAULT_GAP_RTOL = 1e-6
 
 
+def _is_integer(value) -> bool:
+    """True for ints (and NumPy integers); bools and floats are refused, not rounded."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_k(k) -> int:
     """Validate the number of dominant directions; bools and floats are refused, not rounded."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+    if not _is_integer(k):
         raise TypeError(f"EigenGuard k must be an integer >= 1, got {k!r} ({type(k).__name__}); "
                         "pass for example k=32")
     if k < 1:
@@ -355,13 +360,10 @@ class EigenGuard(nn.Module):
                              "eval_mode='batch' or eval_mode='identity'")
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
-        if isinstance(stats_every, bool) or not isinstance(stats_every, numbers.Integral) or \
-                stats_every < 1:
+        if not _is_integer(stats_every) or stats_every < 1:
             raise ValueError(f"stats_every must be an integer >= 1 (1: fold every training batch "
                              f"into the running statistics), got {stats_every!r}")
-        if sketch_rank is not None and (isinstance(sketch_rank, bool) or
-                                        not isinstance(sketch_rank, numbers.Integral) or
-                                        sketch_rank < self.k):
+        if sketch_rank is not None and (not _is_integer(sketch_rank) or sketch_rank < self.k):
             raise ValueError(f"sketch_rank must be an integer >= k ({self.k}), got {sketch_rank!r}")
         self.tail_scale = float(tail_scale)
         self.scale = scale
