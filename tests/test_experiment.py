@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from eigenguard.cli import main
-from eigenguard.errors import DatasetNotFoundError, UnknownNameError
+from eigenguard.errors import DatasetNotFoundError, EigenGuardError, UnknownNameError
 from eigenguard.experiment import RunConfig, load_data, load_run_model, run
 from eigenguard.evaluate import evaluate
 from eigenguard.store import ResultStore
@@ -160,3 +160,6 @@ def test_cli_eigenguard_flags_reach_the_layer_settings():
         (8, "layer2", "batch", 1)
     default = config_from_args(build_parser().parse_args(["run", "--defense", "eigenguard"]))
     assert default.resolved()["defense_settings"]["stats_every"] == 2
+    with pytest.raises(EigenGuardError, match="--eval-mode, --stats-every set EigenGuard"):
+        config_from_args(build_parser().parse_args(["run", "--eval-mode", "batch",
+                                                    "--stats-every", "3"]))

@@ -67,6 +67,10 @@ def _add_run_arguments(parser):
     parser.add_argument("--force", action="store_true", help="rerun even if the store has it")
 
 
+#: run flags that set the EigenGuard defense, by their argparse names
+EIGENGUARD_FLAGS = ("k", "tail_scale", "scale", "after", "eval_mode", "stats_every")
+
+
 def config_from_args(args) -> RunConfig:
     preset = dict(PRESETS[args.preset])
     train = dataclasses.asdict(preset.pop("train", TrainConfig()))
@@ -76,13 +80,12 @@ def config_from_args(args) -> RunConfig:
     if args.no_augment:
         train["augment"] = False
     defense_settings = {}
+    given = [name for name in EIGENGUARD_FLAGS if getattr(args, name) is not None]
     if args.defense == "eigenguard":
-        for name in ("k", "tail_scale", "scale", "after", "eval_mode", "stats_every"):
-            if getattr(args, name) is not None:
-                defense_settings[name] = getattr(args, name)
-    elif any(getattr(args, n) is not None for n in ("k", "tail_scale", "scale", "after")):
-        raise EigenGuardError("--k, --tail-scale, --scale and --after set EigenGuard; add "
-                              "--defense eigenguard")
+        defense_settings = {name: getattr(args, name) for name in given}
+    elif given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise EigenGuardError(f"{flags} set EigenGuard; add --defense eigenguard")
     width = args.width if args.width is not None else preset.pop("width", RunConfig.width)
     preset.pop("width", None)
     return RunConfig(dataset=args.dataset, model=args.model, width=width, attack=args.attack,
