@@ -3,8 +3,8 @@
 # 10% and 1% poison, PreAct-ResNet18 width 16, 4 epochs, the layer after layer1 with
 # eval_mode running (the defaults), one setting changed at a time; then the defaults and no
 # defense again at seeds 1 and 2; then, at seed 1 and 10% poison, every batch folded into the
-# running statistics (stats_every 1) and k = 16. Every trained model is evaluated under all four
-# protocols. 20 runs of about 6 minutes each on a 2-core CPU, the most telling first; runs
+# running statistics (stats_every 1) and k = 16; k = 16 at seed 2 (10%) and seed 1 (1%). Every
+# trained model is evaluated under all four protocols. 22 runs of about 6 minutes each on a 2-core CPU, the most telling first; runs
 # already in the store are skipped.
 #
 #   sh scripts/layer1-sweep.sh              # store: $EIGENGUARD_STORE or the default store
@@ -27,3 +27,5 @@ for seed in 1 2; do
 done
 $EG run --quiet --defense eigenguard --poison-ratio 0.1 --seed 1 --stats-every 1
 $EG run --quiet --defense eigenguard --poison-ratio 0.1 --seed 1 --k 16
+$EG run --quiet --defense eigenguard --poison-ratio 0.1 --seed 2 --k 16
+$EG run --quiet --defense eigenguard --poison-ratio 0.01 --seed 1 --k 16
