@@ -12,6 +12,7 @@ from . import __version__
 from .attacks import list_attacks
 from .data import list_datasets
 from .defenses import list_defenses
+from .defenses.eigenguard import EigenGuardDefense
 from .errors import EigenGuardError
 from .evaluate import PROTOCOLS, protocols_for
 from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
@@ -47,15 +48,18 @@ def _add_run_arguments(parser):
     parser.add_argument("--poison-ratio", type=float, default=defaults.poison_ratio)
     parser.add_argument("--target", type=int, default=defaults.target)
     parser.add_argument("--defense", default=defaults.defense)
-    parser.add_argument("--k", type=int, help="EigenGuard: dominant directions (default 32)")
-    parser.add_argument("--tail-scale", type=float, help="EigenGuard: tail factor (default 1e-3)")
-    parser.add_argument("--scale", choices=("kth", "mean"), help="EigenGuard: common scale")
-    parser.add_argument("--after", help="EigenGuard: module to insert it after (default layer1, "
-                        "the first stage of the ResNets)")
+    eg = EigenGuardDefense  # the help names the defense's own defaults
+    parser.add_argument("--k", type=int, help=f"EigenGuard: dominant directions (default {eg.k})")
+    parser.add_argument("--tail-scale", type=float,
+                        help=f"EigenGuard: tail factor (default {eg.tail_scale:g})")
+    parser.add_argument("--scale", choices=("kth", "mean"),
+                        help=f"EigenGuard: common scale (default {eg.scale})")
+    parser.add_argument("--after", help=f"EigenGuard: module to insert it after (default "
+                        f"{eg.after}, the first stage of the ResNets)")
     parser.add_argument("--eval-mode", choices=("batch", "running", "identity"),
-                        help="EigenGuard at evaluation time (default running)")
+                        help=f"EigenGuard at evaluation time (default {eg.eval_mode})")
     parser.add_argument("--stats-every", type=int, help="EigenGuard: fold one training batch in "
-                        "every N into the running statistics (default 2)")
+                        f"every N into the running statistics (default {eg.stats_every})")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
