@@ -92,6 +92,12 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert wide[0].startswith("| run | commit |") and "running ACC/ASR" in wide[0]
     assert "| 0 | 1 |" in wide[2]  # seed 0, 1 epoch
     assert len(wide) == 3 and wide[2].endswith("| - | - | - |")  # unguarded: triggered only
+    assert main(["report", "--store", store, "--over-seeds", "--markdown"]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert "running ACC / ASR (range) / DER" in summary[0] and "| small_cnn/8 |" in summary[2]
+    with pytest.raises(SystemExit):
+        main(["report", "--store", store, "--over-seeds", "--wide"])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert main(["report", "--store", store, "--where", "train.epochs=1", "--where",
                  "model=small_cnn"]) == 0
     assert "small_cnn/8" in capsys.readouterr().out
@@ -163,3 +169,42 @@ def test_cli_eigenguard_flags_reach_the_layer_settings():
     with pytest.raises(EigenGuardError, match="--eval-mode, --stats-every set EigenGuard"):
         config_from_args(build_parser().parse_args(["run", "--eval-mode", "batch",
                                                     "--stats-every", "3"]))
+
+
+def _stored_run(store, key, seed, defense, evaluations):
+    setup = {"dataset": "d", "model": "m", "width": 8, "attack": "badnets", "poison_ratio": 0.1,
+             "seed": seed, "train": {"epochs": 1}}
+    config = {**setup, "defense": defense,
+              "defense_settings": {} if defense == "none" else {"k": 4, "after": "layer1"}}
+    store.start_run(key, config, {}, None)
+    store.finish_run(key, [], {}, 1.0, None)
+    for protocol, acc, asr in evaluations:
+        store.add_evaluation(key, {"protocol": protocol, "batch_size": 128, "acc": acc, "asr": asr,
+                                   "ra": 0.0, "n_clean": 10, "n_triggered": 9}, seed=0)
+
+
+def test_report_der_against_the_undefended_run_of_the_same_setup(tmp_path):
+    from eigenguard.report import result_rows, summary_rows
+    store = ResultStore(tmp_path / "s.sqlite")
+    _stored_run(store, "none0", 0, "none", [("triggered", 0.9, 1.0)])
+    _stored_run(store, "none1", 1, "none", [("triggered", 0.8, 0.9)])
+    _stored_run(store, "eg0", 0, "eigenguard", [("triggered", 0.8, 0.1), ("running", 0.7, 0.0)])
+    _stored_run(store, "eg1", 1, "eigenguard", [("triggered", 0.8, 0.5), ("running", 0.8, 0.3)])
+    _stored_run(store, "eg2", 2, "eigenguard", [("running", 0.6, 0.2)])  # no undefended seed 2
+    der_of = {(row[0], row[9]): row[-1] for row in result_rows(store)}
+    assert der_of["none0", "triggered"] == "-"
+    assert der_of["eg0", "triggered"] == "90.00"      # (0.9 - 0.1 + 1) / 2
+    assert der_of["eg0", "running"] == "90.00"        # (1.0 - 0.2 + 1) / 2
+    assert der_of["eg1", "running"] == "80.00"        # against seed 1: (0.6 - 0 + 1) / 2
+    assert der_of["eg2", "running"] == "-"
+    rows = summary_rows(store, [run for run in store.find_runs() if run.key != "eg2"])
+    assert [row[4:7] for row in rows] == [("none", "1", "0,1"),
+                                          ("eigenguard(k=4, after=layer1, tail=None, scale=None, "
+                                           "eval=None, stats_every=1)", "1", "0,1")]
+    undefended, defended = rows
+    assert undefended[7] == "85.00 / 95.00 (90.00-100.00) / -"
+    assert defended[7] == "80.00 / 30.00 (10.00-50.00) / 80.00"   # DER (0.9 + 0.7) / 2
+    assert defended[-1] == "75.00 / 15.00 (0.00-30.00) / 85.00"
+    assert defended[8] == "-"                                    # no mixed evaluation
+    everything = summary_rows(store)
+    assert everything[-1][6] == "0,1,2" and everything[-1][-1].endswith(" / -")

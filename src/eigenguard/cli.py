@@ -17,7 +17,8 @@ from .errors import EigenGuardError
 from .evaluate import PROTOCOLS, protocols_for
 from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
 from .models import list_models
-from .report import WIDE_COLUMNS, format_table, result_rows, select_runs, wide_rows
+from .report import (SUMMARY_COLUMNS, WIDE_COLUMNS, format_table, result_rows, select_runs,
+                     summary_rows, wide_rows)
 from .store import ResultStore, default_store_path
 from .train import SCHEDULES, TrainConfig
 
@@ -141,6 +142,8 @@ def cmd_report(args) -> int:
         return 1
     if args.wide:
         print(format_table(wide_rows(store, runs), WIDE_COLUMNS, markdown=args.markdown))
+    elif args.over_seeds:
+        print(format_table(summary_rows(store, runs), SUMMARY_COLUMNS, markdown=args.markdown))
     else:
         print(format_table(result_rows(store, runs), markdown=args.markdown))
     return 0
@@ -178,8 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order the runs by this config value, e.g. defense_settings.k (repeat: "
                         "the first one decides first; default: the order they started)")
     p.add_argument("--markdown", action="store_true")
-    p.add_argument("--wide", action="store_true",
-                   help="one row per run, ACC / ASR of every protocol side by side")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--wide", action="store_true",
+                      help="one row per run, ACC / ASR of every protocol side by side")
+    view.add_argument("--over-seeds", action="store_true",
+                      help="one row per setup over its seeds: mean ACC / ASR, the ASR's range "
+                           "and the mean DER of every protocol")
     p.add_argument("--store", default=None)
     p.set_defaults(handler=cmd_report)
     p = commands.add_parser("list", help="data sets, models, attacks, defenses, protocols")

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+import statistics
 
-from .evaluate import PROTOCOLS
+from .evaluate import PROTOCOLS, der
 from .errors import EigenGuardError
 from .store import ResultStore, StoredRun
 
 RUN_COLUMNS = ("run", "commit", "dataset", "model", "attack", "poison", "defense", "seed", "epochs")
-COLUMNS = (*RUN_COLUMNS, "protocol", "eval batch", "ACC %", "ASR %", "RA %")
+COLUMNS = (*RUN_COLUMNS, "protocol", "eval batch", "ACC %", "ASR %", "RA %", "DER %")
 WIDE_COLUMNS = (*RUN_COLUMNS, *(f"{p} ACC/ASR" for p in PROTOCOLS))
+SUMMARY_COLUMNS = ("dataset", "model", "attack", "poison", "defense", "epochs", "seeds",
+                   *(f"{p} ACC / ASR (range) / DER" for p in PROTOCOLS))
 
 
 def _defense_label(run: StoredRun) -> str:
@@ -106,17 +109,55 @@ def _run_cells(run: StoredRun) -> tuple:
             str(config["seed"]), str(config["train"]["epochs"]))
 
 
+def _config_without(config: dict, *ignored: str) -> str:
+    """The run's config without the ``ignored`` top-level keys, as text (a grouping key)."""
+    return json.dumps({name: value for name, value in config.items() if name not in ignored},
+                      sort_keys=True)
+
+
+def _setup_key(config: dict) -> str:
+    """What a defended run shares with its undefended reference: all but the defense."""
+    return _config_without(config, "defense", "defense_settings")
+
+
+def undefended_results(store: ResultStore) -> dict[str, tuple[float, float]]:
+    """(ACC, ASR) of every finished undefended run, by its setup (:func:`_setup_key`): the
+    reference of DER for the defended runs trained on the same poisoned data, model and schedule."""
+    runs = [run for run in _finished_runs(store, None) if run.config.get("defense") == "none"]
+    evaluations_of = _evaluations_by_run(store, runs)
+    found = {}
+    for run in runs:
+        for e in evaluations_of[run.key]:
+            if e["protocol"] == "triggered" and e["seed"] == 0:
+                found[_setup_key(run.config)] = (e["acc"], e["asr"])
+    return found
+
+
+def _der_of(run: StoredRun, acc: float, asr: float, undefended: dict) -> float | None:
+    reference = undefended.get(_setup_key(run.config))
+    if run.config.get("defense") == "none" or reference is None:
+        return None
+    return der(*reference, acc, asr)
+
+
+def _der_cell(run: StoredRun, acc: float, asr: float, undefended: dict) -> str:
+    value = _der_of(run, acc, asr, undefended)
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
 def result_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
     """One row per (finished run, evaluation protocol); all finished runs in start order when
-    ``runs`` is None."""
+    ``runs`` is None. DER is against the undefended run of the same setup, where one is stored."""
     rows = []
     runs = _finished_runs(store, runs)
     evaluations_of = _evaluations_by_run(store, runs)
+    undefended = undefended_results(store)
     for run in runs:
         evaluations = sorted(evaluations_of[run.key],
                              key=lambda e: (PROTOCOLS.index(e["protocol"]), e["seed"]))
         rows += [(*_run_cells(run), e["protocol"], str(e["batch_size"]), f"{100 * e['acc']:.2f}",
-                  f"{100 * e['asr']:.2f}", f"{100 * e['ra']:.2f}") for e in evaluations]
+                  f"{100 * e['asr']:.2f}", f"{100 * e['ra']:.2f}",
+                  _der_cell(run, e["acc"], e["asr"], undefended)) for e in evaluations]
     return rows
 
 
@@ -131,6 +172,45 @@ def wide_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[t
                  else "-" for p in PROTOCOLS]
         rows.append((*_run_cells(run), *cells))
     return rows
+
+
+def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
+    """One row per setup over its seeds (runs whose configs differ only in the seed), in the order
+    of each setup's first run: mean ACC / ASR (%), the ASR's range over the seeds and the mean DER
+    (%), per protocol (SUMMARY_COLUMNS)."""
+    runs = _finished_runs(store, runs)
+    evaluations_of = _evaluations_by_run(store, runs)
+    undefended = undefended_results(store)
+    groups: dict[str, list[StoredRun]] = {}
+    for run in runs:
+        groups.setdefault(_config_without(run.config, "seed"), []).append(run)
+    rows = []
+    for group in groups.values():
+        config = group[0].config
+        cells = []
+        for protocol in PROTOCOLS:
+            found = [(run, e) for run in group for e in evaluations_of[run.key]
+                     if e["protocol"] == protocol and e["seed"] == 0]
+            cells.append(_summary_cell(found, undefended))
+        rows.append((config["dataset"], f"{config['model']}/{config['width']}", config["attack"],
+                     f"{config['poison_ratio']:.0%}", _defense_label(group[0]),
+                     str(config["train"]["epochs"]),
+                     ",".join(str(run.config["seed"]) for run in group), *cells))
+    return rows
+
+
+def _summary_cell(found: list[tuple[StoredRun, dict]], undefended: dict) -> str:
+    if not found:
+        return "-"
+    accs = [100 * e["acc"] for _, e in found]
+    asrs = [100 * e["asr"] for _, e in found]
+    cell = f"{statistics.mean(accs):.2f} / {statistics.mean(asrs):.2f}"
+    if len(found) > 1:
+        cell += f" ({min(asrs):.2f}-{max(asrs):.2f})"
+    ders = [_der_of(run, e["acc"], e["asr"], undefended) for run, e in found]
+    if None in ders:
+        return cell + " / -"
+    return cell + f" / {100 * statistics.mean(ders):.2f}"
 
 
 def format_table(rows: list[tuple], columns: tuple = COLUMNS, markdown: bool = False) -> str:
