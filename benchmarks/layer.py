@@ -127,6 +127,9 @@ def layer_pieces(d: int, device, repeats: int, step_seconds: float) -> None:
         "running update (one fold)": lambda: update_running_subspace(basis, power, x, 0.1, 64,
                                                                      gram),
     }
+    if device.type == "cuda":  # eigh synchronizes with the CPU anyway: is LAPACK's faster?
+        pieces["filter matrix P, eigh on the CPU"] = \
+            lambda: filter_weights(gram.cpu(), 32).to(device, non_blocking=True)
     medians = interleaved_medians(pieces, repeats, device)
     print(f"   the layer's pieces at d = {d}, B = 128, per call (share of a plain training step):")
     for name, value in medians.items():
