@@ -86,15 +86,6 @@ def _finished_runs(store: ResultStore, runs: list[StoredRun] | None) -> list[Sto
     return [run for run in runs if run.status == "finished"]
 
 
-def _evaluations_by_run(store: ResultStore, runs: list[StoredRun]) -> dict[str, list[dict]]:
-    """Each run's evaluations, read in one query."""
-    grouped: dict[str, list[dict]] = {run.key: [] for run in runs}
-    for evaluation in store.evaluations():
-        if evaluation["run_key"] in grouped:
-            grouped[evaluation["run_key"]].append(evaluation)
-    return grouped
-
-
 def _short_commit(commit: str | None) -> str:
     if not commit:
         return "-"
@@ -120,17 +111,22 @@ def _setup_key(config: dict) -> str:
     return _config_without(config, "defense", "defense_settings")
 
 
-def undefended_results(store: ResultStore) -> dict[str, tuple[float, float]]:
-    """(ACC, ASR) of every finished undefended run, by its setup (:func:`_setup_key`): the
-    reference of DER for the defended runs trained on the same poisoned data, model and schedule."""
-    runs = [run for run in _finished_runs(store, None) if run.config.get("defense") == "none"]
-    evaluations_of = _evaluations_by_run(store, runs)
-    found = {}
-    for run in runs:
-        for e in evaluations_of[run.key]:
-            if e["protocol"] == "triggered" and e["seed"] == 0:
-                found[_setup_key(run.config)] = (e["acc"], e["asr"])
-    return found
+def _read(store: ResultStore, runs: list[StoredRun] | None):
+    """The finished runs among ``runs`` (all, in start order, when None), every run's evaluations
+    by run key, and the undefended references of DER: (ACC, ASR) of each finished undefended run
+    by its setup (:func:`_setup_key`). Two queries, whatever the number of runs."""
+    finished = _finished_runs(store, None)
+    runs = finished if runs is None else _finished_runs(store, runs)
+    evaluations_of: dict[str, list[dict]] = {}
+    for evaluation in store.evaluations():
+        evaluations_of.setdefault(evaluation["run_key"], []).append(evaluation)
+    undefended = {}
+    for run in finished:
+        if run.config.get("defense") == "none":
+            for e in evaluations_of.get(run.key, []):
+                if e["protocol"] == "triggered" and e["seed"] == 0:
+                    undefended[_setup_key(run.config)] = (e["acc"], e["asr"])
+    return runs, evaluations_of, undefended
 
 
 def _der_of(run: StoredRun, acc: float, asr: float, undefended: dict) -> float | None:
@@ -149,11 +145,9 @@ def result_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list
     """One row per (finished run, evaluation protocol); all finished runs in start order when
     ``runs`` is None. DER is against the undefended run of the same setup, where one is stored."""
     rows = []
-    runs = _finished_runs(store, runs)
-    evaluations_of = _evaluations_by_run(store, runs)
-    undefended = undefended_results(store)
+    runs, evaluations_of, undefended = _read(store, runs)
     for run in runs:
-        evaluations = sorted(evaluations_of[run.key],
+        evaluations = sorted(evaluations_of.get(run.key, []),
                              key=lambda e: (PROTOCOLS.index(e["protocol"]), e["seed"]))
         rows += [(*_run_cells(run), e["protocol"], str(e["batch_size"]), f"{100 * e['acc']:.2f}",
                   f"{100 * e['asr']:.2f}", f"{100 * e['ra']:.2f}",
@@ -164,10 +158,9 @@ def result_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list
 def wide_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
     """One row per finished run, ACC / ASR (%) of every protocol side by side (WIDE_COLUMNS)."""
     rows = []
-    runs = _finished_runs(store, runs)
-    evaluations_of = _evaluations_by_run(store, runs)
+    runs, evaluations_of, _ = _read(store, runs)
     for run in runs:
-        found = {e["protocol"]: e for e in evaluations_of[run.key] if e["seed"] == 0}
+        found = {e["protocol"]: e for e in evaluations_of.get(run.key, []) if e["seed"] == 0}
         cells = [f"{100 * found[p]['acc']:.2f} / {100 * found[p]['asr']:.2f}" if p in found
                  else "-" for p in PROTOCOLS]
         rows.append((*_run_cells(run), *cells))
@@ -178,9 +171,7 @@ def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> lis
     """One row per setup over its seeds (runs whose configs differ only in the seed), in the order
     of each setup's first run: mean ACC / ASR (%), the ASR's range over the seeds and the mean DER
     (%), per protocol (SUMMARY_COLUMNS)."""
-    runs = _finished_runs(store, runs)
-    evaluations_of = _evaluations_by_run(store, runs)
-    undefended = undefended_results(store)
+    runs, evaluations_of, undefended = _read(store, runs)
     groups: dict[str, list[StoredRun]] = {}
     for run in runs:
         groups.setdefault(_config_without(run.config, "seed"), []).append(run)
@@ -189,7 +180,7 @@ def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> lis
         config = group[0].config
         cells = []
         for protocol in PROTOCOLS:
-            found = [(run, e) for run in group for e in evaluations_of[run.key]
+            found = [(run, e) for run in group for e in evaluations_of.get(run.key, [])
                      if e["protocol"] == protocol and e["seed"] == 0]
             cells.append(_summary_cell(found, undefended))
         rows.append((config["dataset"], f"{config['model']}/{config['width']}", config["attack"],
