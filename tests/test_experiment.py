@@ -208,3 +208,4 @@ def test_report_der_against_the_undefended_run_of_the_same_setup(tmp_path):
     assert defended[8] == "-"                                    # no mixed evaluation
     everything = summary_rows(store)
     assert everything[-1][6] == "0,1,2" and everything[-1][-1].endswith(" / -")
+    assert everything[-1][7] == "80.00 / 30.00 (10.00-50.00) / 80.00 [2 of 3 seeds]"

@@ -182,7 +182,7 @@ def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> lis
         for protocol in PROTOCOLS:
             found = [(run, e) for run in group for e in evaluations_of.get(run.key, [])
                      if e["protocol"] == protocol and e["seed"] == 0]
-            cells.append(_summary_cell(found, undefended))
+            cells.append(_summary_cell(found, undefended, len(group)))
         rows.append((config["dataset"], f"{config['model']}/{config['width']}", config["attack"],
                      f"{config['poison_ratio']:.0%}", _defense_label(group[0]),
                      str(config["train"]["epochs"]),
@@ -190,7 +190,9 @@ def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> lis
     return rows
 
 
-def _summary_cell(found: list[tuple[StoredRun, dict]], undefended: dict) -> str:
+def _summary_cell(found: list[tuple[StoredRun, dict]], undefended: dict, seeds: int) -> str:
+    """Mean ACC / ASR (ASR range) / mean DER of one protocol; says so when not every seed of the
+    setup was evaluated under it."""
     if not found:
         return "-"
     accs = [100 * e["acc"] for _, e in found]
@@ -199,9 +201,10 @@ def _summary_cell(found: list[tuple[StoredRun, dict]], undefended: dict) -> str:
     if len(found) > 1:
         cell += f" ({min(asrs):.2f}-{max(asrs):.2f})"
     ders = [_der_of(run, e["acc"], e["asr"], undefended) for run, e in found]
-    if None in ders:
-        return cell + " / -"
-    return cell + f" / {100 * statistics.mean(ders):.2f}"
+    cell += " / -" if None in ders else f" / {100 * statistics.mean(ders):.2f}"
+    if len(found) < seeds:
+        cell += f" [{len(found)} of {seeds} seeds]"
+    return cell
 
 
 def format_table(rows: list[tuple], columns: tuple = COLUMNS, markdown: bool = False) -> str:
