@@ -108,6 +108,11 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert "no stored run matches key prefix 'zzz'" in capsys.readouterr().out
     assert main(["report", "--store", store, "--where", "poison_ratio=0.01"]) == 1
     assert "no stored run matches poison_ratio=0.01" in capsys.readouterr().out
+    missing = tmp_path / "typo.sqlite"
+    assert main(["report", "--store", str(missing)]) == 2
+    assert f"no result store at {missing}" in capsys.readouterr().err and not missing.exists()
+    assert main(["evaluate", "--run", "abc", "--store", str(missing)]) == 2
+    assert "no result store" in capsys.readouterr().err and not missing.exists()
     assert main(["report", "--store", store, "--where", "poison_ratio"]) == 2
     assert "PATH=VALUE" in capsys.readouterr().err
     key = ResultStore(store).find_runs()[0].key

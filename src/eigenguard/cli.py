@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    store = ResultStore(args.store)
+    store = ResultStore(args.store, create=False)
     matches = store.find_runs(args.run)
     finished = [r for r in matches if r.status == "finished"]
     if len(finished) != 1:
@@ -133,7 +133,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    store = ResultStore(args.store)
+    store = ResultStore(args.store, create=False)
     selected = args.run or args.where or args.sort
     runs = select_runs(store, args.run, args.where, args.sort) if selected else None
     if runs == []:

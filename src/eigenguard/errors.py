@@ -13,6 +13,10 @@ class CorruptDataError(EigenGuardError, ValueError):
     """A data file exists but cannot be read as its format says."""
 
 
+class StoreNotFoundError(EigenGuardError, FileNotFoundError):
+    """A command that reads results was pointed at a result store that does not exist."""
+
+
 class MissingStatisticsError(EigenGuardError, RuntimeError):
     """A layer is asked for statistics it never collected."""
 

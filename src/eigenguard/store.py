@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import StoreNotFoundError
+
 DEFAULT_STORE = Path.home() / ".local" / "share" / "eigenguard" / "results.sqlite"
 
 SCHEMA = """
@@ -72,8 +74,12 @@ class StoredRun:
 class ResultStore:
     """Thin wrapper over the SQLite file; every write is its own committed transaction."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, create: bool = True):
         self.path = Path(path).expanduser() if path else default_store_path()
+        if not create and not self.path.is_file():
+            raise StoreNotFoundError(
+                f"no result store at {self.path}: `eigenguard run` records runs there first, or "
+                "pass the store that holds them with --store PATH (or EIGENGUARD_STORE)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with closing(self._connect()) as db, db:
