@@ -92,12 +92,17 @@ def _short_commit(commit: str | None) -> str:
     return commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
+def _setup_cells(run: StoredRun) -> tuple:
+    """Data set, model/width, attack, poison ratio and defense of a run."""
+    config = run.config
+    return (config["dataset"], f"{config['model']}/{config['width']}", config["attack"],
+            f"{config['poison_ratio']:.0%}", _defense_label(run))
+
+
 def _run_cells(run: StoredRun) -> tuple:
     """The run's identity: key, the source commit it ran at (rerun there for the same digits), setup."""
-    config = run.config
-    return (run.key[:8], _short_commit(run.git_commit), config["dataset"], f"{config['model']}/{config['width']}",
-            config["attack"], f"{config['poison_ratio']:.0%}", _defense_label(run),
-            str(config["seed"]), str(config["train"]["epochs"]))
+    return (run.key[:8], _short_commit(run.git_commit), *_setup_cells(run),
+            str(run.config["seed"]), str(run.config["train"]["epochs"]))
 
 
 def _config_without(config: dict, *ignored: str) -> str:
@@ -177,15 +182,12 @@ def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> lis
         groups.setdefault(_config_without(run.config, "seed"), []).append(run)
     rows = []
     for group in groups.values():
-        config = group[0].config
         cells = []
         for protocol in PROTOCOLS:
             found = [(run, e) for run in group for e in evaluations_of.get(run.key, [])
                      if e["protocol"] == protocol and e["seed"] == 0]
             cells.append(_summary_cell(found, undefended, len(group)))
-        rows.append((config["dataset"], f"{config['model']}/{config['width']}", config["attack"],
-                     f"{config['poison_ratio']:.0%}", _defense_label(group[0]),
-                     str(config["train"]["epochs"]),
+        rows.append((*_setup_cells(group[0]), str(group[0].config["train"]["epochs"]),
                      ",".join(str(run.config["seed"]) for run in group), *cells))
     return rows
 
