@@ -5,9 +5,10 @@ from torch import nn
 
 from eigenguard.attacks import create_attack
 from eigenguard.data import ImageSet
-from eigenguard.evaluate import (batch_logits, der, evaluate, guards_in_mode, mixed_companions,
-                                 mixed_logits, naive_mixed_logits, protocols_for,
-                                 triggered_test_set)
+from eigenguard.defenses import create_defense
+from eigenguard.evaluate import (batch_logits, der, detection_metrics, evaluate, mixed_companions,
+                                 naive_mixed_logits, triggered_test_set)
+from eigenguard.guarded_eval import guards_in_mode, mixed_logits, protocols_for
 from eigenguard.layer import guard
 from eigenguard.models import create_model
 
@@ -110,7 +111,42 @@ def test_protocols_recorded_for_guarded_models_only():
     assert protocols_for(trained) == ("triggered", "mixed", "single", "running")
     assert protocols_for(create_model("small_cnn", in_channels=1)) == ("triggered",)
     test = coded_test_set(150)
-    single = evaluate(guarded_model(), test, create_attack("badnets"), 0, "single")
+    defense = create_defense("eigenguard", eval_mode="batch")
+    single = evaluate(guarded_model(), test, create_attack("badnets"), 0, "single",
+                      defense=defense)
     assert single.batch_size == 1
     with pytest.raises(ValueError, match="protocol"):
         evaluate(guarded_model(), test, create_attack("badnets"), 0, "sometimes")
+
+
+def test_the_defense_puts_its_model_in_each_protocols_state():
+    """Through the defense, triggered/mixed use the batch filter, single batches of one and
+    running the running statistics; the mixed fast path equals its definition."""
+    test = coded_test_set(200)
+    attack = create_attack("badnets")
+    defense = create_defense("eigenguard", k=8, after="block2", eval_mode="batch")
+    model = guarded_model()
+    model.train()(torch.randn(64, 1, 28, 28))  # running statistics
+    model.eval()
+    triggered = triggered_test_set(test, attack, 0)
+    with guards_in_mode(model, "batch"):
+        expected = batch_logits(model, triggered.images, test, 128).argmax(1)
+    result = evaluate(model, test, attack, 0, "triggered", defense=defense, progress=False)
+    assert result.asr == (expected == 0).double().mean().item()
+    with guards_in_mode(model, "running"):
+        expected = batch_logits(model, triggered.images, test, 128).argmax(1)
+    result = evaluate(model, test, attack, 0, "running", defense=defense, progress=False)
+    assert result.asr == (expected == 0).double().mean().item()
+    fast = evaluate(model, test, attack, 0, "mixed", defense=defense, progress=False, seed=3)
+    with guards_in_mode(model, "batch"):
+        slow = evaluate(model, test, attack, 0, "mixed", progress=False, seed=3)  # definition
+    assert (fast.acc, fast.asr, fast.ra) == (slow.acc, slow.asr, slow.ra)
+    assert model.block2_eigenguard.eval_mode == "batch"  # restored after each protocol
+
+
+def test_detection_rates_follow_their_definition():
+    is_poisoned = torch.zeros(100, dtype=torch.bool)
+    is_poisoned[:10] = True
+    flagged = torch.tensor([0, 1, 2, 3, 50, 51])  # 4 of 10 poisoned, 2 of 90 clean
+    rows = {r["metric"]: r["value"] for r in detection_metrics(flagged, is_poisoned)}
+    assert rows == {"tpr": 0.4, "fpr": pytest.approx(2 / 90), "flagged": 6.0}

@@ -1,16 +1,30 @@
-"""End to end on a small synthetic data set: run, store, cache, reproduce, re-evaluate, CLI."""
+"""End to end on a small synthetic data set: splits, keys, the threat model, the store's
+guarantees, re-evaluation, and an example of every kind of attack and defense through the CLI."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
+import extension_examples  # noqa: F401  (registers the example attacks and defenses)
+from eigenguard import experiment
 from eigenguard.cli import main
+from eigenguard.defenses import ThreatModelError, register_defense
+from eigenguard.defenses.registry import DEFENSES
 from eigenguard.errors import DatasetNotFoundError, EigenGuardError, UnknownNameError
-from eigenguard.experiment import RunConfig, load_data, load_run_model, run
-from eigenguard.evaluate import evaluate
+from eigenguard.experiment import RunConfig, execute, run, run_splits
+from eigenguard.seeding import generator, stream_seed
+from eigenguard.splits import load_data
 from eigenguard.store import ResultStore
 from eigenguard.train import TrainConfig
 
 # no augmentation: the synthetic classes are stripe orientations, which a flip would swap
 FAST = TrainConfig(epochs=4, batch_size=32, lr=0.1, augment=False)
+TESTS = Path(__file__).resolve().parent
 
 
 def config(**overrides):
@@ -23,19 +37,66 @@ def by_protocol(result):
     return {e["protocol"]: e for e in result.evaluations}
 
 
-def test_config_key_spells_out_defaults():
-    assert config(defense="eigenguard").key() == \
-        config(defense="eigenguard", defense_settings={"k": 32}).key()
-    assert config(defense="eigenguard").key() != \
-        config(defense="eigenguard", defense_settings={"k": 8}).key()
-    assert config(seed=1).key() != config().key()
+def test_config_key_spells_out_defaults_and_includes_the_data():
+    assert config(defense="eigenguard").key("d") == \
+        config(defense="eigenguard", defense_settings={"k": 32}).key("d")
+    assert config(defense="eigenguard").key("d") != \
+        config(defense="eigenguard", defense_settings={"k": 8}).key("d")
+    assert config(seed=1).key("d") != config().key("d")
+    assert config().key("d") != config().key("other data")
     guarded = config(defense="eigenguard")
-    assert RunConfig.from_dict(guarded.resolved()).key() == guarded.key()
+    assert RunConfig.from_dict(guarded.resolved()).key("d") == guarded.key("d")
+    assert guarded.setup_key("d") == config().setup_key("d")  # the defense is not the setup
+    assert config(poison_ratio=0.05).setup_key("d") != config().setup_key("d")
 
 
-def test_bad_names_and_settings_fail_before_any_work(tmp_path):
+@pytest.mark.parametrize("overrides, message", [
+    (dict(poison_ratio=1.5), "poison ratio"), (dict(train_size=-5), "train_size"),
+    (dict(test_size=0), "test_size"), (dict(target=10), "target class"),
+    (dict(validation_fraction=0.95), "validation_fraction"),
+    (dict(validation_fraction=0.5, reserve_fraction=0.45), "leaves the victim"),
+    (dict(poison_pool="some"), "poison_pool"), (dict(seed=-1), "seed"),
+])
+def test_bad_settings_fail_before_the_data_loads(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):  # not DatasetNotFoundError
+        run(config(**overrides), ResultStore(tmp_path / "r.sqlite"),
+            data_root=tmp_path / "nowhere", progress=False)
     with pytest.raises(UnknownNameError, match="small_cnn"):
         run(config(model="resnet9000"), ResultStore(tmp_path / "r.sqlite"), progress=False)
+
+
+def test_missing_data_names_the_place_and_the_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        run(config(), ResultStore(tmp_path / "r.sqlite"), data_root=tmp_path / "nowhere",
+            progress=False)
+
+
+def test_splits_are_disjoint_seeded_fractions(synthetic_root):
+    loaded = load_data("fashion-mnist", synthetic_root)
+    splits = run_splits(config(), loaded)
+    assert (len(splits.validation), len(splits.reserve), len(splits.train)) == (200, 100, 1700)
+    rows = {tuple(x.flatten()[:64].tolist()) for part in (splits.train, splits.validation,
+                                                          splits.reserve) for x in part.images}
+    assert len(rows) == 2000  # every training image lands in exactly one split
+    again = run_splits(config(), loaded)
+    assert torch.equal(again.validation.images, splits.validation.images)
+    other = run_splits(config(seed=1), loaded)
+    assert not torch.equal(other.validation.images, splits.validation.images)
+    small = run_splits(config(train_size=1000, test_size=150, reserve_fraction=0.0), loaded)
+    assert (len(small.train), len(small.validation), len(small.reserve), len(small.test)) == \
+        (900, 100, 0, 150)
+
+
+def test_random_streams_of_neighbouring_seeds_are_independent():
+    names = ("split", "poison", "epoch-order", "augment", "init", "train")
+    seeds = {stream_seed(seed, name) for seed in range(5) for name in names}
+    assert len(seeds) == 5 * len(names)
+    # the old defect: the poison draw of seed s + 2 equalled the epoch order of seed s
+    first = torch.randperm(1000, generator=generator(0, "epoch-order"))
+    assert not torch.equal(first, torch.randperm(1000, generator=generator(2, "poison")))
+    assert stream_seed(3, "poison") == stream_seed(3, "poison")
+    with pytest.raises(ValueError, match="seed"):
+        stream_seed(-1, "poison")
 
 
 def test_undefended_backdoor_works_and_runs_reproduce(tmp_path, synthetic_root):
@@ -47,35 +108,183 @@ def test_undefended_backdoor_works_and_runs_reproduce(tmp_path, synthetic_root):
     cached = run(config(), store, data_root=synthetic_root, progress=False)
     assert cached.cached and cached.evaluations == store.evaluations(first.key)
     again = run(config(), store, data_root=synthetic_root, progress=False, force=True)
-    assert not again.cached
+    assert not again.cached and again.key == first.key
     assert {k: metrics[k] for k in ("acc", "asr", "ra")} == \
         {k: by_protocol(again)["triggered"][k] for k in ("acc", "asr", "ra")}
     stored = store.get_run(first.key)
     assert stored.status == "finished" and len(stored.history) == FAST.epochs
-    assert stored.versions["torch"] == torch.__version__
+    assert stored.versions["torch"] == torch.__version__ and stored.device.startswith("cpu")
+    assert stored.checkpoint == f"checkpoints/{first.key}.safetensors"
+    # the validation split is evaluated too (for tuning); the detection rows only for detectors
+    assert store.evaluations(first.key, split="validation")[0]["n_clean"] == 200
+    # dirty-label draws from every class: the ones already in the target keep their label
+    assert stored.extra["poisoned"] == 170
+    assert 0 < stored.extra["poisoned"] - stored.extra["flipped_labels"] < 40
 
 
-def test_eigenguard_run_records_every_protocol_and_reloads(tmp_path, synthetic_root):
+def test_poisoning_from_the_non_target_classes_flips_every_label(synthetic_root):
+    loaded = load_data("fashion-mnist", synthetic_root)
+    splits = run_splits(config(), loaded)
+    from eigenguard.attacks import create_attack
+    poisoned = create_attack("badnets").poison(splits.train, 0.1, 0, 0, pool="non-target")
+    assert poisoned.flipped_labels == len(poisoned.poison_indices) == 170
+
+
+def test_a_clean_label_ratio_beyond_the_target_class_names_the_largest(synthetic_root):
+    from eigenguard.attacks import create_attack
+    splits = run_splits(config(), load_data("fashion-mnist", synthetic_root))
+    attack = create_attack("badnets")
+    attack.clean_label = True
+    largest = int((splits.train.labels == 0).sum()) / len(splits.train)
+    with pytest.raises(ValueError, match=f"largest possible poison ratio here is {largest:.4f}"):
+        attack.poison(splits.train, 0.5, 0, 0)
+    assert len(attack.poison(splits.train, largest, 0, 0).poison_indices) == \
+        int((splits.train.labels == 0).sum())
+
+
+def test_a_defense_without_rights_sees_neither_the_reserve_nor_the_ground_truth(
+        synthetic_root, monkeypatch):
+    seen = {}
+    original = extension_examples.FloodedTraining.defend
+
+    def spy(self, context):
+        seen.update(vars(context))
+        return original(self, context)
+
+    monkeypatch.setattr(extension_examples.FloodedTraining, "defend", spy)
+    execute(config(defense="example-training-time", train=TrainConfig(
+        epochs=1, batch_size=64, augment=False)), data_root=synthetic_root, progress=False)
+    assert seen["_clean_reserve"] is None and seen["_backdoored_model"] is None
+    held = [value for value in seen.values() if isinstance(value, torch.Tensor)]
+    assert held == []  # no poison indices, no original labels
+    assert len(seen["train_set"]) == 1700
+    register_defense("example-greedy")(extension_examples.Greedy)
+    try:
+        with pytest.raises(ThreatModelError, match="no clean-data rights"):
+            execute(config(defense="example-greedy"), data_root=synthetic_root, progress=False)
+    finally:
+        DEFENSES._entries.pop("example-greedy")
+
+
+def test_post_training_defense_reuses_the_stored_backdoored_model(tmp_path, synthetic_root,
+                                                                   monkeypatch):
     store = ResultStore(tmp_path / "r.sqlite")
-    cfg = config(defense="eigenguard", defense_settings={"k": 4, "after": "block2"})
+    undefended = run(config(), store, data_root=synthetic_root, progress=False)
+    calls = []
+    original = experiment.execute
+
+    def counting(cfg, **kwargs):
+        calls.append(cfg.defense)
+        return original(cfg, **kwargs)
+
+    monkeypatch.setattr(experiment, "execute", counting)
+    repaired = run(config(defense="example-finetune"), store, data_root=synthetic_root,
+                   progress=False)
+    assert calls == ["example-finetune"]  # no second backdoored model
+    assert repaired.setup_key == undefended.setup_key
+    assert store.get_run(undefended.key).started == store.get_run(undefended.key).started
+    # the repair's own cost is recorded apart from the backdoored model's
+    assert len(store.get_run(repaired.key).history) == 2  # its own two fine-tuning epochs
+    assert by_protocol(repaired)["triggered"]["acc"] > 0.5
+
+
+def test_post_training_defense_trains_the_missing_backdoored_model_once(tmp_path,
+                                                                        synthetic_root):
+    store = ResultStore(tmp_path / "r.sqlite")
+    repaired = run(config(defense="example-finetune"), store, data_root=synthetic_root,
+                   progress=False)
+    defenses = sorted(run.config["defense"] for run in store.runs_of_setup(repaired.setup_key))
+    assert defenses == ["example-finetune", "none"]
+
+
+def test_a_fitted_attack_state_is_saved_and_used_again(tmp_path, synthetic_root):
+    store = ResultStore(tmp_path / "r.sqlite")
+    result = run(config(attack="example-fitted"), store, data_root=synthetic_root,
+                 progress=False)
+    assert by_protocol(result)["triggered"]["asr"] > 0.9
+    stored = store.get_run(result.key)
+    state = store.read_tensors(stored.attack_state, "fitted attack state", stored.key)
+    assert state["patch_"].shape == (1, 4, 4)
+    attack = experiment.load_run_attack(store, stored)
+    assert torch.equal(attack.patch_, state["patch_"])
+    store.record_evaluation(result.key, [])  # drop nothing; re-evaluate from the files
+    again = experiment.reevaluate(store, stored, data_root=synthetic_root, progress=False)
+    asr = [m["value"] for m in again if m["metric"] == "asr" and m["split"] == "test"]
+    assert asr == [by_protocol(result)["triggered"]["asr"]]
+    # an unfitted copy would draw nothing: using it is an error, not a fresh random patch
+    with pytest.raises(EigenGuardError, match="call fit"):
+        RunConfig(attack="example-fitted").build_attack().apply(
+            torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+
+
+def test_an_evaluation_that_fails_keeps_the_model_and_is_repeatable_elsewhere(
+        tmp_path, synthetic_root, monkeypatch):
+    store = ResultStore(tmp_path / "a" / "r.sqlite")
+    cfg = config(defense="eigenguard", defense_settings={"k": 4, "after": "block2"},
+                 test_size=100, train=TrainConfig(epochs=1, batch_size=64, augment=False))
     result = run(cfg, store, data_root=synthetic_root, progress=False)
-    assert list(by_protocol(result)) == ["triggered", "mixed", "single", "running"]
-    assert by_protocol(result)["single"]["batch_size"] == 1
-    _, test = load_data(cfg, synthetic_root)
-    model = load_run_model(store.get_run(result.key), test)
-    for protocol in ("mixed", "running"):  # the checkpoint carries the running statistics
-        again = evaluate(model, test, cfg.build_attack(), cfg.target, protocol, progress=False)
-        assert again.asr == by_protocol(result)[protocol]["asr"]
-        assert again.acc == by_protocol(result)[protocol]["acc"]
+    assert result.status == "evaluation-failed" and "needs at least 128 test images" in \
+        result.error
+    assert {"triggered", "single", "running"} <= set(by_protocol(result))  # the rest recorded
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the store and its checkpoints move together
+    monkeypatch.chdir(tmp_path)
+    moved = str(tmp_path / "b" / "r.sqlite")
+    assert main(["evaluate", "--run", result.key[:8], "--protocol", "running", "--store", moved,
+                 "--data-root", str(synthetic_root), "--quiet"]) == 0
+    stored = ResultStore(moved).get_run(result.key)
+    assert stored.status == "finished" and stored.error is None
 
 
-def test_missing_data_names_the_place_and_the_fix(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        run(config(), ResultStore(tmp_path / "r.sqlite"), data_root=tmp_path / "nowhere",
-            progress=False)
+def test_force_leaves_no_stale_evaluation(tmp_path, synthetic_root):
+    store = ResultStore(tmp_path / "r.sqlite")
+    cfg = config(train=TrainConfig(epochs=1, batch_size=64, augment=False))
+    first = run(cfg, store, data_root=synthetic_root, progress=False)
+    experiment.reevaluate(store, store.get_run(first.key), data_root=synthetic_root,
+                          eval_seed=7, progress=False)
+    assert {m["eval_seed"] for m in store.metrics(first.key)} == {0, 7}
+    run(cfg, store, data_root=synthetic_root, progress=False, force=True)
+    assert {m["eval_seed"] for m in store.metrics(first.key)} == {0}
 
 
-def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
+CLI = [sys.executable, "-m", "eigenguard.cli"]
+
+
+def _cli_args(store, root, *extra):
+    return ["run", "--model", "small_cnn", "--width", "8", "--epochs", "2", "--batch-size", "32",
+            "--no-augment", "--store", str(store), "--data-root", str(root), "--quiet", *extra]
+
+
+def test_two_processes_on_one_key_train_it_once(tmp_path, synthetic_root):
+    store = tmp_path / "r.sqlite"
+    ResultStore(store)
+    procs = [subprocess.Popen(CLI + _cli_args(store, synthetic_root), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert sum("finished in" in out for out in outputs) == 1, outputs
+    assert sum("already in" in out for out in outputs) == 1, outputs
+    (stored,) = ResultStore(store).find_runs()
+    assert stored.status == "finished"
+
+
+def test_a_killed_run_is_restarted(tmp_path, synthetic_root):
+    store_path = tmp_path / "r.sqlite"
+    store = ResultStore(store_path)
+    proc = subprocess.Popen(CLI + _cli_args(store_path, synthetic_root, "--epochs", "30"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not store.find_runs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    (stale,) = store.find_runs()
+    assert stale.status == "running" and stale.pid == proc.pid  # killed: no chance to clean up
+    assert main(_cli_args(store_path, synthetic_root, "--epochs", "30")) == 0
+    (restarted,) = store.find_runs()
+    assert restarted.status == "finished" and restarted.pid is None
+
+
+def test_cli_run_report_list_set_and_errors(tmp_path, synthetic_root, capsys):
     store = str(tmp_path / "cli.sqlite")
     common = ["--store", store, "--data-root", str(synthetic_root), "--quiet"]
     args = ["run", "--model", "small_cnn", "--width", "8", "--epochs", "1", "--batch-size", "64",
@@ -87,130 +296,76 @@ def test_cli_run_report_list_and_errors(tmp_path, synthetic_root, capsys):
     assert "already in" in capsys.readouterr().out
     assert main(["report", "--store", store]) == 0
     assert "small_cnn/8" in capsys.readouterr().out
-    assert main(["report", "--store", store, "--wide", "--markdown"]) == 0
-    wide = capsys.readouterr().out.splitlines()
-    assert wide[0].startswith("| run | commit |") and "running ACC/ASR" in wide[0]
-    assert "| 0 | 1 |" in wide[2]  # seed 0, 1 epoch
-    assert len(wide) == 3 and wide[2].endswith("| - | - | - |")  # unguarded: triggered only
-    assert main(["report", "--store", store, "--over-seeds", "--markdown"]) == 0
-    summary = capsys.readouterr().out.splitlines()
-    assert "running ACC / ASR (range) / DER" in summary[0] and "| small_cnn/8 |" in summary[2]
-    with pytest.raises(SystemExit):
-        main(["report", "--store", store, "--over-seeds", "--wide"])
-    assert "not allowed with argument" in capsys.readouterr().err
-    assert main(["report", "--store", store, "--where", "train.epochs=1", "--where",
-                 "model=small_cnn"]) == 0
-    assert "small_cnn/8" in capsys.readouterr().out
-    key = ResultStore(store).find_runs()[0].key
-    assert main(["report", "--store", store, "--run", "zzz", "--run", key[:4]]) == 0
-    assert key[:8] in capsys.readouterr().out
-    assert main(["report", "--store", store, "--run", "zzz"]) == 1
-    assert "no stored run matches key prefix 'zzz'" in capsys.readouterr().out
-    assert main(["report", "--store", store, "--where", "poison_ratio=0.01"]) == 1
-    assert "no stored run matches poison_ratio=0.01" in capsys.readouterr().out
-    missing = tmp_path / "typo.sqlite"
-    assert main(["report", "--store", str(missing)]) == 2
-    assert f"no result store at {missing}" in capsys.readouterr().err and not missing.exists()
-    assert main(["evaluate", "--run", "abc", "--store", str(missing)]) == 2
-    assert "no result store" in capsys.readouterr().err and not missing.exists()
-    assert main(["report", "--store", store, "--where", "poison_ratio"]) == 2
-    assert "PATH=VALUE" in capsys.readouterr().err
     key = ResultStore(store).find_runs()[0].key
     assert main(["evaluate", "--run", key[:6], "--protocol", "triggered", *common]) == 0
     assert key[:8] in capsys.readouterr().out
     assert main(["evaluate", "--run", "zzzz", *common]) == 2
-    assert "matches 0 finished runs" in capsys.readouterr().err
+    assert "matches 0 trained runs" in capsys.readouterr().err
     assert main(["list"]) == 0
-    assert "preact_resnet18" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "preact_resnet18" in listing and "eigenguard [triggered, mixed, single, running]" in \
+        listing
     assert main(["run", "--model", "resnet9000", *common]) == 2
     assert "unknown model 'resnet9000'" in capsys.readouterr().err
     assert main(["run", "--defense", "eigenguard", "--k", "0", *common]) == 2
     assert "k must be >= 1" in capsys.readouterr().err
     assert main(["run", "--k", "4", *common]) == 2
-    assert "--defense eigenguard" in capsys.readouterr().err
+    assert "add --defense eigenguard" in capsys.readouterr().err
+    assert main(["run", "--set", "defense.k=4", *common]) == 2
+    assert "none has no setting 'k'" in capsys.readouterr().err
+    assert main(["run", "--defense", "eigenguard", "--set", "defense.k=four", *common]) == 2
+    assert "defense.k='four': expected int" in capsys.readouterr().err
+    assert main(["run", "--train-size", "-5", *common]) == 2
+    assert "train_size must be an integer >= 1" in capsys.readouterr().err
 
 
-def test_report_where_conditions_read_json_values_and_dotted_paths():
-    from eigenguard.report import config_matches, parse_condition
-    config = {"poison_ratio": 0.01, "seed": 1, "defense_settings": {"after": "layer1", "k": 32},
-              "width": None}
-    assert config_matches(config, [parse_condition("poison_ratio=0.01"),
-                                   parse_condition("defense_settings.after=layer1"),
-                                   parse_condition("defense_settings.k=32")])
-    assert config_matches(config, [parse_condition("width=null")])
-    assert not config_matches(config, [parse_condition("seed=0")])
-    assert not config_matches(config, [parse_condition("defense_settings.k=32.5")])
-    assert not config_matches(config, [parse_condition("defense_settings.missing=1")])
-    assert not config_matches(config, [parse_condition("seed.inner=1")])
-
-
-def test_report_sorts_runs_by_config_values(tmp_path):
-    from eigenguard.report import select_runs
-    store = ResultStore(tmp_path / "s.sqlite")
-    settings = [("a", {"k": 8, "after": "layer2"}), ("b", None), ("c", {"k": 32, "after": "layer1"}),
-                ("d", {"k": 4, "after": "layer2"})]
-    for key, defense in settings:
-        store.start_run(key, {"defense_settings": defense} if defense else {}, {}, None)
-
-    def keys(*args, **kwargs):
-        return [run.key for run in select_runs(*args, **kwargs)]
-
-    assert keys(store) == ["a", "b", "c", "d"]
-    assert keys(store, sort=["defense_settings.k"]) == ["b", "d", "a", "c"]
-    assert keys(store, sort=["defense_settings.after", "defense_settings.k"]) == \
-        ["b", "c", "d", "a"]
-    assert keys(store, prefixes=["c", "a"], sort=["defense_settings.k"]) == ["a", "c"]
-
-
-def test_cli_eigenguard_flags_reach_the_layer_settings():
+def test_cli_settings_are_typed_by_their_declaration():
     from eigenguard.cli import build_parser, config_from_args
-    args = build_parser().parse_args(["run", "--defense", "eigenguard", "--k", "8", "--after",
-                                      "layer2", "--eval-mode", "batch", "--stats-every", "1"])
-    settings = config_from_args(args).resolved()["defense_settings"]
+
+    def resolved(*flags):
+        return config_from_args(build_parser().parse_args(["run", *flags])).resolved()
+
+    settings = resolved("--defense", "eigenguard", "--k", "8", "--after", "layer2",
+                        "--eval-mode", "batch", "--stats-every", "1",
+                        "--set", "defense.sketch_rank=none", "--set", "defense.tail_scale=0.01",
+                        "--set", "defense.track_running_stats=false", "--set",
+                        "defense.eval_mode=identity")["defense_settings"]
     assert (settings["k"], settings["after"], settings["eval_mode"], settings["stats_every"]) == \
-        (8, "layer2", "batch", 1)
-    default = config_from_args(build_parser().parse_args(["run", "--defense", "eigenguard"]))
-    assert default.resolved()["defense_settings"]["stats_every"] == 2
-    with pytest.raises(EigenGuardError, match="--eval-mode, --stats-every set EigenGuard"):
-        config_from_args(build_parser().parse_args(["run", "--eval-mode", "batch",
-                                                    "--stats-every", "3"]))
+        (8, "layer2", "identity", 1)  # --set comes after the shortcuts
+    assert settings["sketch_rank"] is None and settings["tail_scale"] == 0.01
+    assert settings["track_running_stats"] is False
+    assert resolved("--defense", "eigenguard")["defense_settings"]["stats_every"] == 2
+    blended = resolved("--attack", "blended", "--set", "attack.alpha=0.1", "--set",
+                       "train.epochs=2")
+    assert blended["attack_settings"]["alpha"] == 0.1 and blended["train"]["epochs"] == 2
+    with pytest.raises(EigenGuardError, match="SECTION.NAME=VALUE"):
+        resolved("--set", "k=3")
+    with pytest.raises(EigenGuardError, match="unknown section 'model'"):
+        resolved("--set", "model.k=3")
 
 
-def _stored_run(store, key, seed, defense, evaluations):
-    setup = {"dataset": "d", "model": "m", "width": 8, "attack": "badnets", "poison_ratio": 0.1,
-             "seed": seed, "train": {"epochs": 1}}
-    config = {**setup, "defense": defense,
-              "defense_settings": {} if defense == "none" else {"k": 4, "after": "layer1"}}
-    store.start_run(key, config, {}, None)
-    store.finish_run(key, [], {}, 1.0, None)
-    for protocol, acc, asr in evaluations:
-        store.add_evaluation(key, {"protocol": protocol, "batch_size": 128, "acc": acc, "asr": asr,
-                                   "ra": 0.0, "n_clean": 10, "n_triggered": 9}, seed=0)
-
-
-def test_report_der_against_the_undefended_run_of_the_same_setup(tmp_path):
-    from eigenguard.report import result_rows, summary_rows
-    store = ResultStore(tmp_path / "s.sqlite")
-    _stored_run(store, "none0", 0, "none", [("triggered", 0.9, 1.0)])
-    _stored_run(store, "none1", 1, "none", [("triggered", 0.8, 0.9)])
-    _stored_run(store, "eg0", 0, "eigenguard", [("triggered", 0.8, 0.1), ("running", 0.7, 0.0)])
-    _stored_run(store, "eg1", 1, "eigenguard", [("triggered", 0.8, 0.5), ("running", 0.8, 0.3)])
-    _stored_run(store, "eg2", 2, "eigenguard", [("running", 0.6, 0.2)])  # no undefended seed 2
-    der_of = {(row[0], row[9]): row[-1] for row in result_rows(store)}
-    assert der_of["none0", "triggered"] == "-"
-    assert der_of["eg0", "triggered"] == "90.00"      # (0.9 - 0.1 + 1) / 2
-    assert der_of["eg0", "running"] == "90.00"        # (1.0 - 0.2 + 1) / 2
-    assert der_of["eg1", "running"] == "80.00"        # against seed 1: (0.6 - 0 + 1) / 2
-    assert der_of["eg2", "running"] == "-"
-    rows = summary_rows(store, [run for run in store.find_runs() if run.key != "eg2"])
-    assert [row[4:7] for row in rows] == [("none", "1", "0,1"),
-                                          ("eigenguard(k=4, after=layer1, tail=None, scale=None, "
-                                           "eval=None, stats_every=1)", "1", "0,1")]
-    undefended, defended = rows
-    assert undefended[7] == "85.00 / 95.00 (90.00-100.00) / -"
-    assert defended[7] == "80.00 / 30.00 (10.00-50.00) / 80.00"   # DER (0.9 + 0.7) / 2
-    assert defended[-1] == "75.00 / 15.00 (0.00-30.00) / 85.00"
-    assert defended[8] == "-"                                    # no mixed evaluation
-    everything = summary_rows(store)
-    assert everything[-1][6] == "0,1,2" and everything[-1][-1].endswith(" / -")
-    assert everything[-1][7] == "80.00 / 30.00 (10.00-50.00) / 80.00 [2 of 3 seeds]"
+@pytest.mark.parametrize("attack, defense, extra", [
+    ("example-static", "none", []),
+    ("example-fitted", "none", []),
+    ("example-training", "none", ["--poison-ratio", "0"]),
+    ("badnets", "example-training-time", []),
+    ("badnets", "example-finetune", []),
+    ("badnets", "example-detector", []),
+])
+def test_every_kind_of_extension_runs_through_the_cli(tmp_path, synthetic_root, capsys, attack,
+                                                      defense, extra):
+    store = tmp_path / "r.sqlite"
+    assert main(["run", "--attack", attack, "--defense", defense, "--model", "small_cnn",
+                 "--width", "16", "--epochs", "4", "--batch-size", "32", "--lr", "0.1",
+                 "--no-augment", "--store", str(store), "--data-root", str(synthetic_root),
+                 "--quiet", *extra]) == 0
+    runs = {r.config["defense"]: r for r in ResultStore(store).find_runs()}
+    (evaluation,) = ResultStore(store).evaluations(runs[defense].key)
+    assert evaluation["acc"] > 0.5
+    if defense == "none":
+        assert evaluation["asr"] > 0.8  # each kind of attack plants its backdoor
+    if defense == "example-detector":
+        rows = {m["metric"]: m["value"] for m in ResultStore(store).metrics(runs[defense].key)
+                if m["protocol"] == "detection"}
+        assert set(rows) == {"tpr", "fpr", "flagged"} and rows["flagged"] == 255
+        assert rows["tpr"] > 0.5 > rows["fpr"]  # flipped labels stand out after one epoch

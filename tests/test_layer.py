@@ -10,15 +10,14 @@ from eigenguard.layer import EigenGuard, filter_weights, find_guards, guard, spe
 
 
 def svd_definition(features, k, tail_scale=1e-3, scale="kth", rank_rtol=1e-5):
-    """F' = U Σ' Vᵀ straight from the SVD of F (the slow reference)."""
+    """F' = U Σ' Vᵀ straight from the SVD of F (the slow reference); F itself without a tail."""
     flat = features.reshape(features.shape[0], -1).double()
     u, s, vh = torch.linalg.svd(flat, full_matrices=False)
     rank = int((s > s[0] * rank_rtol).sum()) if s.numel() else 0
-    k_eff = min(k, rank)
+    if rank <= k:  # k or fewer nonzero singular values: nothing to damp, the batch passes
+        return features.double()
     new = s * tail_scale
-    if k_eff:
-        common = s[k_eff - 1] if scale == "kth" else s[:k_eff].mean()
-        new[:k_eff] = common
+    new[:k] = s[k - 1] if scale == "kth" else s[:k].mean()
     return ((u * new) @ vh).reshape(features.shape)
 
 
@@ -39,9 +38,14 @@ def test_matches_svd_definition_on_random_features(b, d, k, scale):
 @pytest.mark.parametrize("tail_scale", [0.0, 1e-3, 0.1, 1.0])
 def test_matches_svd_definition_on_rank_deficient_features(tail_scale):
     x = low_rank(100, 500, rank=7)
-    out = spectral_filter(x, 16, tail_scale=tail_scale)  # k > rank: k_eff = 7
-    ref = svd_definition(x, 16, tail_scale=tail_scale)
+    out = spectral_filter(x, 4, tail_scale=tail_scale)  # rank 7 > k: four equalised, three damped
+    ref = svd_definition(x, 4, tail_scale=tail_scale)
     assert torch.allclose(out, ref.float(), atol=1e-4 * ref.abs().max().item())
+    s, s_out = torch.linalg.svdvals(x.double()), torch.linalg.svdvals(out.double())
+    assert torch.allclose(s_out[:7], torch.cat([s[3].expand(4), s[4:7] * tail_scale]), rtol=1e-4,
+                          atol=1e-6 * s[0].item())  # float32 rounding of the output
+    # rank 7 <= k = 16: no tail, the batch passes unchanged (it is not whitened)
+    assert torch.allclose(spectral_filter(x, 16, tail_scale=tail_scale), x, rtol=1e-6, atol=0)
 
 
 def test_conv_features_keep_shape_and_dtype():
@@ -64,11 +68,25 @@ def test_batch_of_one_passes_unchanged():
     assert torch.allclose(spectral_filter(x, 32), x, rtol=1e-6, atol=0)
 
 
-def test_batch_smaller_than_k_keeps_its_own_spectrum_scale():
-    x = torch.randn(5, 100, dtype=torch.float64)  # rank 5 < k = 32: all five forced to σ_5
+@pytest.mark.parametrize("b", [2, 5, 31, 32])
+@pytest.mark.parametrize("method,grad", [("gram", "detach"), ("gram", "full"), ("svd", "detach")])
+def test_batch_of_k_or_fewer_passes_unchanged_and_is_never_whitened(b, method, grad):
+    x = torch.randn(b, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(b))
+    x = x * torch.linspace(1, 4, b, dtype=torch.float64).unsqueeze(1)  # rows of unequal size
+    out = spectral_filter(x, 32, method=method, grad=grad)
+    assert torch.allclose(out, x, rtol=1e-12, atol=0)
+    s, s_out = torch.linalg.svdvals(x), torch.linalg.svdvals(out)
+    assert s[0] / s[-1] > 2  # the input's spectrum is spread ...
+    assert torch.allclose(s_out, s, rtol=1e-12)  # ... and stays spread: no unit-scale whitening
+    assert torch.equal(filter_weights(x @ x.T, 32), torch.eye(b, dtype=torch.float64))
+
+
+def test_batch_of_k_plus_one_is_filtered():
+    x = torch.randn(33, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(x)
     s_out = torch.linalg.svdvals(spectral_filter(x, 32))
-    assert torch.allclose(s_out, s[4].expand(5), rtol=1e-9)
+    assert torch.allclose(s_out[:32], s[31].expand(32), rtol=1e-9)  # equalised to σ_32
+    assert torch.allclose(s_out[32], s[32] * 1e-3, rtol=1e-6)  # the one-direction tail, damped
 
 
 def test_duplicated_rows_and_zero_input():
@@ -87,19 +105,27 @@ def test_partial_last_batch_is_filtered_on_its_own():
 
 def test_filter_weights_is_batched():
     x = torch.randn(3, 10, 40, dtype=torch.float64)
+    x[1] = low_rank(10, 40, rank=3).double()  # rank 3 <= k: identity within the same call
     grams = x @ x.transpose(1, 2)
     weights = filter_weights(grams, 4)
+    assert torch.equal(weights[1], torch.eye(10, dtype=torch.float64))
     for i in range(3):
         assert torch.allclose(weights[i] @ x[i], svd_definition(x[i], 4), atol=1e-10)
+    assert not torch.allclose(weights[0] @ x[0], x[0], atol=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_output_dtype_equals_input_dtype(dtype):
-    x = torch.randn(16, 32).to(dtype)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
     out = spectral_filter(x, 4)
     assert out.dtype == dtype
-    ref = svd_definition(x.double(), 4)
-    assert torch.allclose(out.double(), ref, atol=0.05 * ref.abs().max().item())
+    ref = svd_definition(x.double(), 4)  # the definition on the same (rounded) input
+    error = (out.double() - ref).abs()
+    if dtype == torch.float64:  # computed in float64 throughout
+        assert (error <= 1e-10 * ref.abs().max()).all()
+    else:  # computed in float32, then rounded once to the input dtype: half an ulp, eps/2
+        rounding = torch.finfo(dtype).eps / 2 * ref.abs()
+        assert (error <= rounding + 1e-5 * x.double().abs().max()).all()
 
 
 def test_gradient_flows_through_features_with_constant_filter():
@@ -149,7 +175,8 @@ def test_eval_modes():
     layer.train()
     assert not torch.allclose(layer(x), x)
     batch_layer = EigenGuard(k=2, eval_mode="batch").eval()
-    assert torch.allclose(batch_layer(x), spectral_filter(x, 2))
+    assert torch.allclose(batch_layer(x), svd_definition(x, 2).float(), atol=1e-5)
+    assert torch.equal(batch_layer(x[:2]), x[:2])  # B <= k: unchanged, even in eval
     assert "k=2" in repr(batch_layer) and "eval_mode='batch'" in repr(batch_layer)
     default = EigenGuard(k=2)  # the default is batch-independent: each row alone
     assert "eval_mode='running'" in repr(default)
@@ -304,9 +331,11 @@ def test_blocked_gram_is_the_float64_product(dtype):
     from eigenguard.layer import GRAM_BLOCK_BYTES, exact_gram
     rows = torch.randn(16, 3 * GRAM_BLOCK_BYTES // (8 * 16) + 5).to(dtype)  # 3 blocks and a rest
     exact = rows.to(torch.float64)
+    # an independent float64 reference: the columns summed in another order
+    reference = sum(exact[:, i::7] @ exact[:, i::7].T for i in range(7))
     gram = exact_gram(rows)
     assert gram.dtype == torch.float64
-    assert torch.allclose(gram, exact @ exact.T, rtol=1e-13, atol=1e-10)
+    assert torch.allclose(gram, reference, rtol=1e-13, atol=1e-10)
     wide = spectral_filter(torch.cat([rows.float()] * 2), 4)  # B = 32, still several blocks
     assert torch.allclose(wide, svd_definition(torch.cat([rows.float()] * 2), 4).float(),
                           atol=1e-4)
@@ -367,3 +396,121 @@ def test_guard_inside_sequential_and_module_list_containers():
     assert len(model.blocks) == 2 and hasattr(model, "blocks_0_eigenguard")
     expected = reference.blocks[1](spectral_filter(reference.blocks[0](x), 2))
     assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+# --- batches without a tail in the module, the rank threshold of the running statistics -----
+
+
+def test_training_batch_of_k_or_fewer_uses_the_running_filter_or_passes_unchanged():
+    torch.manual_seed(0)
+    small = torch.randn(3, 3, 5, 5)  # B = 3 <= k = 4
+    fresh = EigenGuard(k=4, stats_every=1).train()
+    assert torch.equal(fresh(small), small)  # no running statistics yet: unchanged
+    assert fresh.num_batches_tracked.item() == 1  # still folded in
+    layer = EigenGuard(k=4, stats_every=1).train()
+    layer(torch.randn(32, 3, 5, 5))
+    basis, power = layer.running_basis.clone(), layer.running_power.clone()
+    out = layer(small)
+    expected = running_filter(small, basis, power, 4)  # the statistics before this batch
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(out, small, atol=0.1)  # it is filtered ...
+    s_out = torch.linalg.svdvals(out.flatten(1).double())
+    assert s_out[0] / s_out[-1] > 1.5  # ... and not whitened (three equal singular values)
+    assert layer.num_batches_tracked.item() == 2 and not torch.equal(layer.running_basis, basis)
+    s_in = torch.linalg.svdvals(small.flatten(1).double())
+    assert torch.allclose(torch.linalg.svdvals(spectral_filter(small, 4).flatten(1).double()),
+                          s_in, rtol=1e-5)
+
+
+def test_running_filter_of_statistics_with_k_or_fewer_directions_is_the_identity():
+    x = torch.randn(3, 40, dtype=torch.float64)  # three directions, k = 4
+    basis, power = update_running_subspace(torch.zeros(0), torch.zeros(0), x, 1.0, rank=8)
+    assert int((power > 0).sum()) == 3
+    assert torch.equal(running_filter(x, basis, power, k=4), x)
+    assert torch.allclose(running_filter(x, basis, power, k=2), spectral_filter(x, 2), atol=1e-5)
+
+
+def planted(b, d, singular, seed=0):
+    """Features with exactly the given singular values (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(b, len(singular), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, len(singular), generator=g, dtype=torch.float64))
+    return (u * torch.tensor(singular, dtype=torch.float64)) @ v.T
+
+
+def test_running_statistics_keep_every_direction_the_filter_counts():
+    # σ_4/σ_1 = 1e-4 and σ_5/σ_1 = 5e-5: above rank_rtol = 1e-5, so the batch filter counts five
+    # directions (four equalised, one damped); a threshold of eps32·(r + B) on eigenvalues
+    # (σ ratio ~1.5e-3) would drop the last two from the running statistics
+    x = planted(20, 64, [1.0, 0.5, 0.25, 1e-4, 5e-5]).float()
+    singular = torch.linalg.svdvals(x.double())
+    assert int((singular > singular[0] * 1e-5).sum()) == 5
+    layer = EigenGuard(k=4, sketch_rank=8).train()
+    layer(x)  # the first batch alone makes the statistics
+    ratios = (layer.running_power[:5].double() / layer.running_power[0].double()).sqrt()
+    assert torch.allclose(ratios, torch.tensor([1.0, 0.5, 0.25, 1e-4, 5e-5], dtype=torch.float64),
+                          rtol=1e-3)
+    assert torch.equal(layer.running_power[5:], torch.zeros(3))
+    # the running filter from this batch is the batch filter on it: σ_4 is the common scale
+    ref = svd_definition(x, 4)
+    out = layer.eval()(x)
+    assert torch.allclose(out.double(), ref, rtol=0, atol=1e-3 * ref.abs().max())
+    s_out = torch.linalg.svdvals(out.double())
+    assert torch.allclose(s_out[:5], torch.tensor([1e-4] * 4 + [5e-8], dtype=torch.float64),
+                          rtol=1e-2)
+
+
+def test_running_update_threshold_follows_rank_rtol():
+    x = planted(20, 64, [1.0, 0.5, 1e-3])
+    _, kept = update_running_subspace(torch.zeros(0), torch.zeros(0), x, 1.0, rank=4,
+                                      rank_rtol=1e-5)
+    _, dropped = update_running_subspace(torch.zeros(0), torch.zeros(0), x, 1.0, rank=4,
+                                         rank_rtol=2e-3)
+    assert int((kept > 0).sum()) == 3 and int((dropped > 0).sum()) == 2
+    layer = EigenGuard(k=2, sketch_rank=4, rank_rtol=2e-3).train()
+    layer(x.float())
+    assert int((layer.running_power > 0).sum()) == 2
+
+
+# --- autocast ---------------------------------------------------------------------------------
+
+
+def bf16_features(b, seed=0):
+    """Conv features computed under CPU bfloat16 autocast, as the layer receives them there."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    images = torch.randn(b, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = conv(images)
+    assert features.dtype == torch.bfloat16
+    return features
+
+
+def assert_float32_accurate(out, reference):
+    """``out`` (bfloat16) is ``reference`` (float32) rounded once: half a bfloat16 ulp, plus
+    float32-level slack; bfloat16 products inside the layer are off by many ulps."""
+    assert out.dtype == torch.bfloat16
+    half_ulp = torch.finfo(torch.bfloat16).eps / 2 * reference.abs()
+    error = (out.float() - reference).abs()
+    assert (error <= half_ulp + 1e-5 * reference.abs().max()).all(), error.max()
+    assert (out == reference.to(torch.bfloat16)).float().mean() > 0.99  # correctly rounded
+
+
+def test_autocast_does_not_lower_the_precision_of_the_layer():
+    x1, x2 = bf16_features(48, seed=0), bf16_features(48, seed=1)
+    plain = EigenGuard(k=8, stats_every=1).train()
+    cast = copy.deepcopy(plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out1, out2 = cast(x1), cast(x2)
+    assert_float32_accurate(out1, plain(x1.float()))  # training: the batch filter
+    assert_float32_accurate(out2, plain(x2.float()))  # and two folds of the running update
+    assert torch.allclose(cast.running_power, plain.running_power, rtol=1e-6)
+    assert torch.allclose(cast.running_basis, plain.running_basis, rtol=0, atol=1e-6)
+    for mode in ("batch", "running"):
+        cast.eval_mode = plain.eval_mode = mode
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = cast.eval()(x1)
+        assert_float32_accurate(out, plain.eval()(x1.float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = spectral_filter(x1, 8)
+    assert_float32_accurate(out, spectral_filter(x1.float(), 8))

@@ -4,7 +4,9 @@ import torch
 
 from eigenguard.attacks import create_attack, list_attacks
 from eigenguard.data import ImageSet
-from eigenguard.defenses import DefenseContext, create_defense, list_defenses
+from eigenguard.defenses import DefenseContext, DefenseResult, create_defense, list_defenses
+from eigenguard.defenses.base import STARTS_FROM
+from eigenguard.evaluate import PROTOCOLS
 from eigenguard.errors import UnknownNameError
 from eigenguard.layer import find_guards
 from eigenguard.models import create_model
@@ -24,7 +26,9 @@ def test_attack_conformance(name):
     assert attack.fit(data) is attack
     out = attack.apply(data.images)
     assert out.dtype == torch.uint8 and out.shape == data.images.shape
-    assert torch.equal(out, create_attack(name).apply(data.images))  # deterministic
+    # deterministic, and a fresh attack given the fitted state applies the same trigger
+    fresh = create_attack(name).load_fitted_state(attack.fitted_state())
+    assert torch.equal(out, fresh.apply(data.images))
     assert not torch.equal(out, data.images)  # the trigger changes something
     poisoned = attack.poison(data, 0.25, 3, seed=0)
     assert len(poisoned.poison_indices) == 16
@@ -34,6 +38,7 @@ def test_attack_conformance(name):
 
 @pytest.mark.parametrize("name", list_defenses())
 def test_defense_conformance(name):
+    """Every registered defense works from what its threat model grants, and no more."""
     defense = create_defense(name, **({"after": "block2", "k": 4} if name == "eigenguard" else {}))
     poisoned = create_attack("badnets").poison(toy_set(), 0.1, 0, seed=0)
     trained = []
@@ -41,16 +46,24 @@ def test_defense_conformance(name):
     def build():
         return create_model("small_cnn", in_channels=1, num_classes=10, width=4)
 
-    def train_model(model, data):
+    def train_model(model, data, hooks=(), **overrides):
         trained.append(len(data))
         return [{"epoch": 1}]
 
-    model = defense.defend(DefenseContext(poisoned, build, train_model))
-    assert trained == [64]
+    reserve = toy_set().subset(list(range(16)))
+    context = DefenseContext(poisoned.data, build, train_model, seed=0, device="cpu",
+                             clean_reserve=reserve, clean_rights=defense.clean_data,
+                             backdoored_model=build if defense.starts_from == "backdoored"
+                             else None)
+    result = defense.defend(context)
+    model = result.model if isinstance(result, DefenseResult) else result
+    assert trained and all(size in (64, 16) or size < 64 for size in trained)
     assert bool(find_guards(model)) == (name == "eigenguard")
     rebuilt = defense.prepare_model(build())
     rebuilt.load_state_dict(model.state_dict())  # a checkpoint reloads into the rebuilt model
-    assert isinstance(defense.settings(), dict)
+    assert isinstance(defense.settings(), dict) and isinstance(defense.label(), str)
+    assert defense.starts_from in STARTS_FROM and "triggered" in defense.protocols
+    assert set(defense.protocols) <= set(PROTOCOLS)
 
 
 def test_unknown_defense_lists_the_known_ones():

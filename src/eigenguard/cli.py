@@ -9,18 +9,23 @@ import sys
 import torch
 
 from . import __version__
-from .attacks import list_attacks
+from .attacks import POISON_POOLS, list_attacks
+from .attacks.registry import ATTACKS
 from .data import list_datasets
 from .defenses import list_defenses
-from .defenses.eigenguard import EigenGuardDefense
+from .defenses.registry import DEFENSES
 from .errors import EigenGuardError
-from .evaluate import PROTOCOLS, protocols_for
-from .experiment import PRESETS, RunConfig, evaluate_and_store, load_data, load_run_model, run
+from .evaluate import PROTOCOLS
+from .experiment import PRESETS, RunConfig, reevaluate, run
+from .settings import coerce, declared_types, parse_assignment
 from .models import list_models
 from .report import (SUMMARY_COLUMNS, WIDE_COLUMNS, format_table, result_rows, select_runs,
                      summary_rows, wide_rows)
 from .store import ResultStore, default_store_path
 from .train import SCHEDULES, TrainConfig
+
+
+get_attack, get_defense = ATTACKS.get, DEFENSES.get
 
 
 def _device(name: str) -> str:
@@ -37,6 +42,19 @@ def _add_common(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _defense_shortcuts() -> dict[str, tuple[str, object, object]]:
+    """``--NAME`` flags generated from the registered defenses' declared settings:
+    flag dest -> (setting name, type, defaults by defense)."""
+    shortcuts: dict[str, tuple[str, object, dict]] = {}
+    for name in list_defenses():
+        cls = get_defense(name)
+        for field in dataclasses.fields(cls):
+            types_ = declared_types(cls)
+            entry = shortcuts.setdefault(field.name, (field.name, types_[field.name], {}))
+            entry[2][name] = field.default
+    return shortcuts
+
+
 def _add_run_arguments(parser):
     defaults = RunConfig()
     parser.add_argument("--preset", choices=sorted(PRESETS), default="fast",
@@ -48,35 +66,43 @@ def _add_run_arguments(parser):
     parser.add_argument("--attack", default=defaults.attack)
     parser.add_argument("--poison-ratio", type=float, default=defaults.poison_ratio)
     parser.add_argument("--target", type=int, default=defaults.target)
+    parser.add_argument("--poison-pool", choices=POISON_POOLS, default=defaults.poison_pool,
+                        help="where dirty-label attacks draw their samples: all (BackdoorBench; "
+                             "about 1/C of them keep their label) or non-target")
     parser.add_argument("--defense", default=defaults.defense)
-    eg = EigenGuardDefense  # the help names the defense's own defaults
-    parser.add_argument("--k", type=int, help=f"EigenGuard: dominant directions (default {eg.k})")
-    parser.add_argument("--tail-scale", type=float,
-                        help=f"EigenGuard: tail factor (default {eg.tail_scale:g})")
-    parser.add_argument("--scale", choices=("kth", "mean"),
-                        help=f"EigenGuard: common scale (default {eg.scale})")
-    parser.add_argument("--after", help=f"EigenGuard: module to insert it after (default "
-                        f"{eg.after}, the first stage of the ResNets)")
-    parser.add_argument("--eval-mode", choices=("batch", "running", "identity"),
-                        help=f"EigenGuard at evaluation time (default {eg.eval_mode})")
-    parser.add_argument("--stats-every", type=int, help="EigenGuard: fold one training batch in "
-                        f"every N into the running statistics (default {eg.stats_every})")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                        dest="assignments",
+                        help="any attack, defense or training setting, typed by its declaration, "
+                             "e.g. --set attack.alpha=0.1 --set defense.k=8 --set train.epochs=2 "
+                             "(repeatable)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--schedule", choices=SCHEDULES)
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--train-size", type=int, help="train on a seeded random subset")
+    parser.add_argument("--train-size", type=int, help="use a seeded random subset of the "
+                        "training set (before the validation split and the clean reserve)")
     parser.add_argument("--test-size", type=int, help="evaluate on a seeded random subset")
-    parser.add_argument("--force", action="store_true", help="rerun even if the store has it")
-
-
-#: run flags that set the EigenGuard defense, by their argparse names
-EIGENGUARD_FLAGS = ("k", "tail_scale", "scale", "after", "eval_mode", "stats_every")
+    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
+                        help="share of the training set held out for tuning (default 0.1)")
+    parser.add_argument("--reserve-fraction", type=float, default=defaults.reserve_fraction,
+                        help="share of the training set kept clean for defenses with clean-data "
+                             "rights (default 0.05)")
+    parser.add_argument("--force", action="store_true",
+                        help="remove the stored run (metrics, checkpoint) and run it again")
+    shortcuts = parser.add_argument_group(
+        "defense settings", "shortcuts for --set defense.NAME=VALUE, one per declared setting")
+    for name, (_, kind, by_defense) in _defense_shortcuts().items():
+        if "--" + name.replace("_", "-") in parser._option_string_actions:
+            continue  # a run flag of that name exists: use --set defense.NAME=VALUE
+        owners = ", ".join(f"{d} {v!r}" for d, v in by_defense.items())
+        shortcuts.add_argument("--" + name.replace("_", "-"), dest="defense_" + name,
+                               metavar="VALUE", help=f"default: {owners}")
 
 
 def config_from_args(args) -> RunConfig:
+    """The run's config from the flags; every setting is typed and checked here."""
     preset = dict(PRESETS[args.preset])
     train = dataclasses.asdict(preset.pop("train", TrainConfig()))
     for name in ("epochs", "batch_size", "lr", "schedule"):
@@ -84,51 +110,65 @@ def config_from_args(args) -> RunConfig:
             train[name] = getattr(args, name)
     if args.no_augment:
         train["augment"] = False
-    defense_settings = {}
-    given = [name for name in EIGENGUARD_FLAGS if getattr(args, name) is not None]
-    if args.defense == "eigenguard":
-        defense_settings = {name: getattr(args, name) for name in given}
-    elif given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise EigenGuardError(f"{flags} set EigenGuard; add --defense eigenguard")
+    settings = {"attack": {}, "defense": {}, "train": train}
+    sections = {"attack": get_attack(args.attack), "defense": get_defense(args.defense),
+                "train": TrainConfig}
+    shortcuts = _defense_shortcuts()
+    defense_fields = declared_types(sections["defense"])
+    for name, (_, _, by_defense) in shortcuts.items():
+        text = getattr(args, "defense_" + name, None)
+        if text is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name not in defense_fields:
+            owners = ", ".join(f"--defense {d}" for d in by_defense)
+            raise EigenGuardError(f"{flag} is a setting of {owners.replace('--defense ', '')}, "
+                                  f"not of {args.defense}; add {owners.split(', ')[0]}")
+        settings["defense"][name] = coerce(text, defense_fields[name], flag)
+    for text in args.assignments:
+        section, name, value = parse_assignment(text, sections)
+        settings[section][name] = value
     width = args.width if args.width is not None else preset.pop("width", RunConfig.width)
     preset.pop("width", None)
     return RunConfig(dataset=args.dataset, model=args.model, width=width, attack=args.attack,
-                     poison_ratio=args.poison_ratio, target=args.target, defense=args.defense,
-                     defense_settings=defense_settings, train=TrainConfig(**train),
+                     attack_settings=settings["attack"], poison_ratio=args.poison_ratio,
+                     target=args.target, poison_pool=args.poison_pool, defense=args.defense,
+                     defense_settings=settings["defense"], train=TrainConfig(**settings["train"]),
                      seed=args.seed, train_size=args.train_size, test_size=args.test_size,
-                     **preset)
+                     validation_fraction=args.validation_fraction,
+                     reserve_fraction=args.reserve_fraction, **preset)
 
 
 def cmd_run(args) -> int:
     config = config_from_args(args)
+    config.validate()
     store = ResultStore(args.store)
     result = run(config, store, device=_device(args.device), data_root=args.data_root,
                  force=args.force, progress=not args.quiet)
     if result.cached:
         print(f"[{result.key}] already in {store.path}; stored result (use --force to rerun):")
-    else:
+    elif result.status == "finished":
         print(f"[{result.key}] finished in {result.wall_seconds:.0f}s, stored in {store.path}")
+    else:
+        print(f"[{result.key}] trained and stored in {store.path}, but its evaluation failed: "
+              f"{result.error}\nthe model is kept; evaluate it again with `eigenguard evaluate "
+              f"--run {result.key[:8]} --protocol PROTOCOL`", file=sys.stderr)
     print(format_table(result_rows(store, [store.get_run(result.key)])))
-    return 0
+    return 0 if result.status == "finished" else 1
 
 
 def cmd_evaluate(args) -> int:
     store = ResultStore(args.store, create=False)
-    matches = store.find_runs(args.run)
-    finished = [r for r in matches if r.status == "finished"]
-    if len(finished) != 1:
-        raise EigenGuardError(f"--run {args.run!r} matches {len(finished)} finished runs; give "
+    matches = [r for r in store.find_runs(args.run)
+               if r.status in ("finished", "evaluation-failed")]
+    if len(matches) != 1:
+        raise EigenGuardError(f"--run {args.run!r} matches {len(matches)} trained runs; give "
                               "a longer key prefix (see `eigenguard report`)")
-    stored = finished[0]
-    config = RunConfig.from_dict(stored.config)
-    _, test_set = load_data(config, args.data_root)
-    model = load_run_model(stored, test_set)
-    protocols = protocols_for(model) if args.protocol == "all" else (args.protocol,)
-    evaluate_and_store(store, stored.key, config, model, test_set, protocols,
-                       device=_device(args.device), progress=not args.quiet,
-                       eval_seed=args.eval_seed)
-    print(format_table(result_rows(store, [stored])))
+    stored = matches[0]
+    protocols = None if args.protocol == "all" else (args.protocol,)
+    reevaluate(store, stored, data_root=args.data_root, protocols=protocols,
+               eval_seed=args.eval_seed, device=_device(args.device), progress=not args.quiet)
+    print(format_table(result_rows(store, [store.get_run(stored.key)])))
     return 0
 
 
@@ -150,8 +190,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
+    defenses = [f"{name} [{', '.join(get_defense(name).protocols)}]" for name in list_defenses()]
     for title, names in (("data sets", list_datasets()), ("models", list_models()),
-                         ("attacks", list_attacks()), ("defenses", list_defenses()),
+                         ("attacks", list_attacks()), ("defenses [evaluation protocols]", defenses),
                          ("protocols", list(PROTOCOLS))):
         print(f"{title}: {', '.join(names)}")
     return 0
@@ -166,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler=cmd_run)
     p = commands.add_parser("evaluate", help="evaluate a stored run's checkpoint again")
-    p.add_argument("--run", required=True, help="run key or a unique prefix of it")
+    p.add_argument("--run", required=True, help="run key or a unique prefix of it (a finished "
+                   "run, or one whose evaluation failed)")
     p.add_argument("--protocol", choices=(*PROTOCOLS, "all"), default="all")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the mixed batches")
     _add_common(p)

@@ -1,24 +1,25 @@
 """ACC, ASR, RA and DER, and the evaluation protocols that batch-dependent models need.
 
-A model containing EigenGuard filters each batch, so a test prediction depends on the rest of its
-batch. The protocol is therefore part of every result:
+A model whose layers look at the whole batch (EigenGuard filters each batch) gives a prediction
+that depends on the rest of its batch, so the protocol is part of every result. A protocol says
+how the test batches are composed:
 
 - ``triggered``: triggered test images in fixed order, batches of 128, partial last batch kept
   (the usual benchmark protocol; every batch is fully triggered);
-- ``mixed``: each triggered image inside a batch with 127 clean test images drawn with a fixed seed,
-  its own clean original excluded; only its prediction counts;
+- ``mixed``: each triggered image inside a batch with 127 clean test images drawn with a fixed
+  seed, its own clean original excluded; only its prediction counts;
 - ``single``: batches of one;
-- ``running``: the layer filters each image alone with the subspace it estimated during training
-  (``eval_mode="running"``), which makes the model batch-independent.
+- ``running``: batches of 128 with the model in its batch-independent mode (a layer that keeps
+  running statistics filters each image alone with them).
 
-The first three evaluate the layer in its ``batch`` mode, whatever eval_mode the model was built
-with. ACC is measured on clean test batches of the protocol's batch size (128 for ``triggered``
-and ``mixed``, whose clean batches are the same, 1 for ``single``). Models without EigenGuard do not
-depend on their batch; they are evaluated under ``triggered`` only.
+Each defense declares the protocols that apply to its models and the state a protocol puts its
+model in (:meth:`eigenguard.defenses.Defense.evaluation_mode`); a model that does not depend on
+its batch needs ``triggered`` only. ACC is measured on clean test batches of the protocol's batch
+size (128, or 1 for ``single``).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,15 +27,12 @@ from torch import nn
 
 from .attacks import Attack
 from .data import ImageSet
-from .layer import EigenGuard, find_guards
-from .progress import Progress
 from .train import model_input
 
 PROTOCOLS = ("triggered", "mixed", "single", "running")
-#: the layer mode each protocol evaluates (a batch of one passes the batch filter unchanged)
-PROTOCOL_MODES = {"triggered": "batch", "mixed": "batch", "single": "identity",
-                  "running": "running"}
 MIXED_COMPANIONS = 127
+#: the values of one evaluation recorded as metrics
+EVALUATION_METRICS = ("acc", "asr", "ra", "batch_size", "n_clean", "n_triggered")
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,12 @@ class Evaluation:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def metric_rows(self, split: str = "test", eval_seed: int = 0) -> list[dict]:
+        """The evaluation in the store's long format, one row per metric."""
+        return [dict(split=split, protocol=self.protocol, metric=name,
+                     value=float(getattr(self, name)), eval_seed=eval_seed)
+                for name in EVALUATION_METRICS]
+
 
 def der(acc_undefended: float, asr_undefended: float, acc_defended: float,
         asr_defended: float) -> float:
@@ -58,14 +62,9 @@ def der(acc_undefended: float, asr_undefended: float, acc_defended: float,
             + 1) / 2
 
 
-def protocols_for(model: nn.Module) -> tuple[str, ...]:
-    """Every protocol that applies to a model with EigenGuard, the standard one otherwise."""
-    guards = [layer for _, layer in find_guards(model)]
-    if not guards:
-        return ("triggered",)
-    if all(layer.has_running_stats for layer in guards):
-        return PROTOCOLS
-    return tuple(p for p in PROTOCOLS if p != "running")
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}; choose from {PROTOCOLS}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,8 +77,15 @@ class TriggeredTestSet:
     target: int
 
 
-def triggered_test_set(test: ImageSet, attack: Attack, target: int) -> TriggeredTestSet:
-    source = (test.labels != target).nonzero().flatten()
+def triggered_test_set(test: ImageSet, attack: Attack, target: int,
+                       target_of=None) -> TriggeredTestSet:
+    """The triggered view of a test set. ``target_of`` maps true labels to the attack's target
+    labels (all-to-all attacks); by default every image goes to ``target`` and images of the
+    target class are left out."""
+    if target_of is None:
+        source = (test.labels != target).nonzero().flatten()
+    else:
+        source = (target_of(test.labels) != test.labels).nonzero().flatten()
     return TriggeredTestSet(attack.apply(test.images[source]), test.labels[source], source, target)
 
 
@@ -99,37 +105,37 @@ def predict(model: nn.Module, images: torch.Tensor, data: ImageSet, batch_size: 
     return batch_logits(model, images, data, batch_size, device).argmax(1)
 
 
-@contextmanager
-def guards_in_mode(model: nn.Module, mode: str):
-    """Set every EigenGuard layer's eval_mode for the duration of an evaluation."""
-    guards = [layer for _, layer in find_guards(model)]
-    saved = [layer.eval_mode for layer in guards]
-    for layer in guards:
-        layer.eval_mode = mode
-    try:
-        yield
-    finally:
-        for layer, saved_mode in zip(guards, saved):
-            layer.eval_mode = saved_mode
-
-
 def evaluate(model: nn.Module, test: ImageSet, attack: Attack, target: int,
              protocol: str = "triggered", *, batch_size: int = 128, seed: int = 0,
-             device: str | torch.device = "cpu", progress: bool = True) -> Evaluation:
-    """Measure ACC on the clean test set and ASR / RA on its triggered non-target images."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {protocol!r}; choose from {PROTOCOLS}")
+             device: str | torch.device = "cpu", progress: bool = True,
+             defense=None) -> Evaluation:
+    """Measure ACC on the clean test set and ASR / RA on its triggered non-target images.
+
+    ``defense`` (the one that built the model) puts the model in each protocol's state and may
+    compute the mixed protocol faster; without it the model is evaluated as it is.
+    """
+    check_protocol(protocol)
+    attack.check_fitted()
     triggered = triggered_test_set(test, attack, target)
-    with guards_in_mode(model, PROTOCOL_MODES[protocol]):
+    mode = defense.evaluation_mode(model, protocol) if defense is not None else nullcontext()
+    with mode:
         if protocol == "single":
-            batch_size = 1  # computed in larger batches: B = 1 passes the filter unchanged (tested)
-            clean_pred = predict(model, test.images, test, 256, device)
-            trig_pred = predict(model, triggered.images, test, 256, device)
+            batch_size = 1  # computed in larger batches where the defense says they are the same
+            independent = defense is not None and defense.batch_independent(model, protocol)
+            compute = 256 if independent else 1
+            clean_pred = predict(model, test.images, test, compute, device)
+            trig_pred = predict(model, triggered.images, test, compute, device)
         else:
             clean_pred = predict(model, test.images, test, batch_size, device)
             if protocol == "mixed":
-                trig_pred = mixed_logits(model, test, triggered, seed=seed, device=device,
-                                         progress=progress).argmax(1)
+                logits = None
+                if defense is not None:
+                    logits = defense.mixed_logits(model, test, triggered, seed=seed,
+                                                  device=device, progress=progress)
+                if logits is None:
+                    companions = mixed_companions(triggered, len(test), seed)
+                    logits = naive_mixed_logits(model, test, triggered, companions, device)
+                trig_pred = logits.argmax(1)
             else:
                 trig_pred = predict(model, triggered.images, test, batch_size, device)
     acc = (clean_pred == test.labels).double().mean().item()
@@ -142,7 +148,9 @@ def mixed_companions(triggered: TriggeredTestSet, test_size: int, seed: int,
                      count: int = MIXED_COMPANIONS) -> torch.Tensor:
     """(M, count) clean test indices for each triggered image, its own original excluded."""
     if test_size - 1 < count:
-        raise ValueError(f"the mixed protocol needs {count + 1} test images, got {test_size}")
+        raise ValueError(f"the mixed protocol needs at least {count + 1} test images (each "
+                         f"triggered image among {count} clean ones), got {test_size}: use a "
+                         f"larger --test-size or evaluate without the mixed protocol")
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for source in triggered.source_indices.tolist():
@@ -163,93 +171,13 @@ def naive_mixed_logits(model, test: ImageSet, triggered: TriggeredTestSet,
     return torch.stack(logits) if logits else torch.empty(0, test.num_classes)
 
 
-class _Captured(Exception):
-    """Stops a forward pass once the guard's input has been read."""
-
-
-@torch.no_grad()
-def _features_before(model, layer: EigenGuard, images, data, batch_size, device) -> torch.Tensor:
-    captured = []
-
-    def capture(module, args):
-        captured.append(args[0].detach())
-        raise _Captured
-
-    handle = layer.register_forward_pre_hook(capture)
-    try:
-        for i in range(0, len(images), batch_size):
-            try:
-                model(model_input(images[i:i + batch_size].to(device), data))
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(captured)
-
-
-@contextmanager
-def _guard_output(layer: EigenGuard, features: torch.Tensor):
-    """Make ``layer`` return ``features`` (the layer itself runs in identity mode meanwhile)."""
-    handle = layer.register_forward_hook(lambda module, args, output: features)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def mixed_logits(model: nn.Module, test: ImageSet, triggered: TriggeredTestSet, *,
-                      seed: int = 0, chunk: int = 64, device="cpu",
-                      progress: bool = True) -> torch.Tensor:
-    """The mixed protocol through a bordered Gram matrix, without building any batch.
-
-    Features before the guard are computed once for every clean and triggered test image, and so
-    is the clean Gram matrix. For triggered image i with companions S_i, the Gram matrix of its
-    batch is the clean block G[S_i, S_i] bordered by the row F_t,i F[S_i]ᵀ; it gives the filter
-    matrix P, of which only image i's row is applied, F'_i = P_i [F[S_i]; F_t,i]. The rest of the
-    network then runs on F'_i alone (evaluation-mode layers after the guard treat samples
-    independently). Equal to the definition (:func:`naive_mixed_logits`) up to float
-    rounding; tested.
-    """
-    model.eval().to(device)
-    companions = mixed_companions(triggered, len(test), seed)
-    guards = find_guards(model)
-    if len(guards) != 1:  # several guards interact: fall back to the definition
-        return naive_mixed_logits(model, test, triggered, companions, device)
-    layer = guards[0][1]
-    if layer.eval_mode != "batch":  # each image is filtered alone: its batch does not matter
-        return batch_logits(model, triggered.images, test, 128, device)
-    clean = _features_before(model, layer, test.images, test, 256, device)
-    trig = _features_before(model, layer, triggered.images, test, 256, device)
-    shape, dtype = trig.shape[1:], trig.dtype
-    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    clean, trig = clean.flatten(1), trig.flatten(1)
-    clean_exact = clean.to(torch.float64)
-    clean_gram = clean_exact @ clean_exact.T  # (N, N), shared by every batch
-    clean_work = clean.to(work_dtype)
-    companions = companions.to(clean.device)
-    bar = Progress(len(trig), "mixed protocol", enabled=progress)
-    logits = []
-    for start in range(0, len(trig), chunk):
-        rows_t = trig[start:start + chunk]
-        comp = companions[start:start + chunk]  # (c, 127)
-        exact_t = rows_t.to(torch.float64)
-        border = (exact_t @ clean_exact.T).gather(1, comp)  # (c, 127)
-        corner = (exact_t * exact_t).sum(1)
-        c, m = comp.shape
-        gram = torch.empty(c, m + 1, m + 1, dtype=torch.float64, device=clean.device)
-        gram[:, :m, :m] = clean_gram[comp.unsqueeze(2), comp.unsqueeze(1)]
-        gram[:, m, :m] = border
-        gram[:, :m, m] = border
-        gram[:, m, m] = corner
-        weights = layer.weights_from_gram(gram)[:, m, :].to(work_dtype)  # (c, m + 1)
-        dense = torch.zeros(c, len(clean), dtype=work_dtype, device=clean.device)
-        dense.scatter_(1, comp, weights[:, :m])
-        filtered = dense @ clean_work + weights[:, m:] * rows_t.to(work_dtype)
-        filtered = filtered.to(dtype).reshape(-1, *shape)
-        with guards_in_mode(model, "identity"), _guard_output(layer, filtered):
-            batch = triggered.images[start:start + chunk].to(device)
-            logits.append(model(model_input(batch, test)).cpu())
-        bar.update(c)
-    bar.close()
-    return torch.cat(logits) if logits else torch.empty(0, test.num_classes)
+def detection_metrics(flagged: torch.Tensor, is_poisoned: torch.Tensor) -> list[dict]:
+    """TPR (poisoned samples flagged) and FPR (clean samples flagged) of a detector, computed by
+    the harness, which alone holds the poison indices."""
+    mask = torch.zeros_like(is_poisoned)
+    mask[flagged.long()] = True
+    poisoned, clean = int(is_poisoned.sum()), int((~is_poisoned).sum())
+    tpr = float((mask & is_poisoned).sum()) / poisoned if poisoned else 0.0
+    fpr = float((mask & ~is_poisoned).sum()) / clean if clean else 0.0
+    return [dict(split="train", protocol="detection", metric=name, value=value)
+            for name, value in (("tpr", tpr), ("fpr", fpr), ("flagged", float(mask.sum())))]

@@ -1,8 +1,19 @@
-"""One run: RunConfig -> poison -> defend (train) -> evaluate -> result store.
+"""One run: RunConfig -> split -> fit the attack -> poison -> defend (train) -> evaluate.
 
-A run is a pure function of its config: the same config gives the same poisoned indices, model and
-metrics (bitwise on CPU with the same thread count and library versions). The hash of the resolved
-config is the run's key, so running a finished config again returns the stored result at once.
+A run's config splits into the **setup** (data, model, attack and its settings, poison ratio,
+target, splits, training, seed: everything that makes the backdoored model) and the **defense**.
+The setup has its own key: post-training defenses reuse the stored undefended run of the same
+setup, and DER compares against it.
+
+Running is separate from recording. :func:`execute` touches no store: it returns a
+:class:`RunResult` holding everything the store needs (metrics, history, the model's and the
+fitted attack's tensors), so a worker can run it anywhere. :func:`record` writes a result into a
+store, and :func:`run` is the driver that claims the key, executes and records.
+
+A run is a pure function of its config and the content of its data: the same config gives the
+same splits, poisoned indices, model and metrics (bitwise on CPU with the same thread count and
+library versions). Its key hashes the resolved config with a fingerprint of the data, so running
+a finished config again returns the stored result, and a changed data file never matches.
 """
 from __future__ import annotations
 
@@ -17,19 +28,24 @@ from pathlib import Path
 
 import numpy
 import torch
-from safetensors.torch import load_file, save_file
+from torch import nn
 
 from . import __version__
-from .attacks import create_attack
-from .data import ImageSet, dataset_info, load_dataset
-from .defenses import DefenseContext, create_defense
-from .evaluate import Evaluation, evaluate, protocols_for
+from .attacks import POISON_POOLS, create_attack
+from .data import ImageSet, dataset_info
+from .defenses import DefenseContext, DefenseResult, create_defense
+from .evaluate import check_protocol, detection_metrics, evaluate
 from .models.registry import create_model, get_model_factory
+from .seeding import stream_seed
+from .splits import LoadedData, Splits, check_fractions, load_data, make_splits
 from .store import ResultStore, StoredRun
-from .train import Augmentation, TrainConfig, train
+from .train import Augmentation, EpochEndHook, TrainConfig, train
 
-#: bump when a change to the code makes old results incomparable
-CONFIG_VERSION = 1
+#: bump when a change to the code makes old results incomparable (2: validation split, clean
+#: reserve, independent random streams, data fingerprint in the key)
+CONFIG_VERSION = 2
+#: the data splits whose metrics a run records (the validation split is for tuning only)
+EVAL_SPLITS = ("test", "validation")
 
 
 def _settings_tuple(settings) -> tuple:
@@ -37,9 +53,15 @@ def _settings_tuple(settings) -> tuple:
     return tuple(sorted((str(key), value) for key, value in items))
 
 
+def _hash(data: dict, fingerprint: str) -> str:
+    text = json.dumps({"config": data, "data": fingerprint}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything that determines a run's result; hashable, and hashed into the run's key."""
+class SetupConfig:
+    """Everything that determines the backdoored model: data, splits, model, attack, training."""
 
     dataset: str = "fashion-mnist"
     model: str = "preact_resnet18"
@@ -48,41 +70,97 @@ class RunConfig:
     attack_settings: tuple = ()
     poison_ratio: float = 0.1
     target: int = 0
-    defense: str = "none"
-    defense_settings: tuple = ()
+    poison_pool: str = "all"  # dirty-label draws: "all" (BackdoorBench) or "non-target"
     train: TrainConfig = TrainConfig()
     seed: int = 0
     train_size: int | None = None  # None: the whole training set; else a seeded random subset
     test_size: int | None = None
+    validation_fraction: float = 0.1
+    reserve_fraction: float = 0.05
 
     def __post_init__(self):
         object.__setattr__(self, "attack_settings", _settings_tuple(self.attack_settings))
-        object.__setattr__(self, "defense_settings", _settings_tuple(self.defense_settings))
 
     def build_attack(self):
         return create_attack(self.attack, **dict(self.attack_settings))
+
+    def validate(self) -> None:
+        """Fail on a bad name, setting, size or ratio before any data is loaded."""
+        info = dataset_info(self.dataset)
+        get_model_factory(self.model)
+        self.build_attack()
+        _check_int("width", self.width, 1)
+        _check_int("seed", self.seed, 0)
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        if not (isinstance(self.poison_ratio, (int, float)) and 0 <= self.poison_ratio <= 1):
+            raise ValueError(f"poison ratio must be a fraction in [0, 1], got "
+                             f"{self.poison_ratio!r}")
+        if not (_is_int(self.target) and 0 <= self.target < info.num_classes):
+            raise ValueError(f"target class must be an integer in 0..{info.num_classes - 1} "
+                             f"for {self.dataset}, got {self.target!r}")
+        if self.poison_pool not in POISON_POOLS:
+            raise ValueError(f"poison_pool must be one of {POISON_POOLS}, got "
+                             f"{self.poison_pool!r}")
+        check_fractions(self.validation_fraction, self.reserve_fraction)
+
+    def setup_resolved(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(SetupConfig)}
+        data["train"] = dataclasses.asdict(self.train)
+        data["attack_settings"] = self.build_attack().settings()
+        data["version"] = CONFIG_VERSION
+        return data
+
+    def setup_key(self, fingerprint: str) -> str:
+        """The key of the backdoored model this setup makes (with the data's fingerprint)."""
+        return _hash(self.setup_resolved(), fingerprint)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, numpy.integer)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig(SetupConfig):
+    """A setup plus the defense applied to it; hashable, and hashed into the run's key."""
+
+    defense: str = "none"
+    defense_settings: tuple = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "defense_settings", _settings_tuple(self.defense_settings))
+
+    @property
+    def setup(self) -> SetupConfig:
+        return SetupConfig(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(SetupConfig)})
+
+    def with_defense(self, name: str, settings=()) -> "RunConfig":
+        return dataclasses.replace(self, defense=name, defense_settings=settings)
 
     def build_defense(self):
         return create_defense(self.defense, **dict(self.defense_settings))
 
     def validate(self) -> None:
-        """Fail on a bad name or setting before any data is loaded."""
-        dataset_info(self.dataset)
-        get_model_factory(self.model)
-        self.build_attack()
+        super().validate()
         self.build_defense()
 
     def resolved(self) -> dict:
         """The config as plain data with every attack and defense setting spelled out."""
-        data = dataclasses.asdict(self)
-        data["attack_settings"] = self.build_attack().settings()
+        data = self.setup_resolved()
+        data["defense"] = self.defense
         data["defense_settings"] = self.build_defense().settings()
-        data["version"] = CONFIG_VERSION
         return data
 
-    def key(self) -> str:
-        text = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def key(self, fingerprint: str) -> str:
+        return _hash(self.resolved(), fingerprint)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
@@ -100,19 +178,54 @@ PRESETS = {
 
 @dataclass
 class RunResult:
+    """Everything a store records of one run (and, from a store, ``cached=True``)."""
+
     key: str
+    setup_key: str
     config: RunConfig
-    evaluations: list[dict]
+    status: str  # "finished" or "evaluation-failed"
+    metrics: list[dict]
     history: list[dict]
     wall_seconds: float
-    cached: bool
-    checkpoint: str | None = None
+    model_state: dict[str, torch.Tensor] | None = None
+    attack_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    error: str | None = None
     extra: dict = field(default_factory=dict)
+    cached: bool = False
+    checkpoint: str | None = None  # stored path, once recorded
+
+    @property
+    def evaluations(self) -> list[dict]:
+        """Test-split metrics gathered per (protocol, eval seed), as the store returns them."""
+        return evaluations_from_metrics(self.metrics, self.key)
+
+
+def evaluations_from_metrics(metrics: list[dict], key: str, split: str = "test") -> list[dict]:
+    gathered: dict[tuple, dict] = {}
+    for row in metrics:
+        if row.get("split", "test") != split or row["protocol"] in ("detection", "cost"):
+            continue
+        ident = (row["protocol"], row.get("eval_seed", 0))
+        entry = gathered.setdefault(ident, {"run_key": key, "protocol": ident[0],
+                                            "seed": ident[1]})
+        entry[row["metric"]] = row["value"]
+    for entry in gathered.values():
+        for count in ("batch_size", "n_clean", "n_triggered"):
+            if count in entry:
+                entry[count] = int(entry[count])
+    return list(gathered.values())
 
 
 def library_versions() -> dict:
     return dict(eigenguard=__version__, torch=torch.__version__, numpy=numpy.__version__,
                 python=platform.python_version(), threads=torch.get_num_threads())
+
+
+def device_description(device: str) -> str:
+    """The device a run used, in words (a GPU's name; the CPU's architecture otherwise)."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def git_commit() -> str | None:
@@ -128,96 +241,245 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "") if commit else None
 
 
-def _subset(data: ImageSet, size: int | None, seed: int) -> ImageSet:
-    if size is None or size >= len(data):
-        return data
-    generator = torch.Generator().manual_seed(seed)
-    return data.subset(torch.randperm(len(data), generator=generator)[:size].sort().values)
-
-
-def load_data(config: RunConfig, data_root: str | None = None) -> tuple[ImageSet, ImageSet]:
-    train_set = load_dataset(config.dataset, "train", root=data_root)
-    test_set = load_dataset(config.dataset, "test", root=data_root)
-    return (_subset(train_set, config.train_size, config.seed),
-            _subset(test_set, config.test_size, config.seed + 1))
-
-
-def build_model(config: RunConfig, data: ImageSet) -> torch.nn.Module:
+def build_model(config: SetupConfig, data: ImageSet) -> nn.Module:
     return create_model(config.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         width=config.width)
 
 
-def load_run_model(run: StoredRun, data: ImageSet) -> torch.nn.Module:
-    """Rebuild a finished run's model (with its defense's layers) and load its checkpoint."""
-    if not run.checkpoint or not Path(run.checkpoint).exists():
-        raise FileNotFoundError(f"run {run.key} has no checkpoint at {run.checkpoint!r}; "
-                                "run it again with --force to retrain")
-    config = RunConfig.from_dict(run.config)
-    model = config.build_defense().prepare_model(build_model(config, data))
-    model.load_state_dict(load_file(run.checkpoint))
-    return model
+def run_splits(config: SetupConfig, loaded: LoadedData) -> Splits:
+    return make_splits(loaded, seed=config.seed, validation_fraction=config.validation_fraction,
+                       reserve_fraction=config.reserve_fraction, train_size=config.train_size,
+                       test_size=config.test_size)
 
 
-def evaluate_and_store(store: ResultStore, key: str, config: RunConfig, model, test: ImageSet,
-                       protocols, *, device="cpu", progress=True, eval_seed: int = 0) -> list[dict]:
-    attack = config.build_attack()
-    results = []
+# -- executing: no store ----------------------------------------------------------------------
+
+def evaluate_model(config: RunConfig, model: nn.Module, attack, splits: Splits, *,
+                   protocols=None, eval_seed: int = 0, device="cpu", progress=True,
+                   log=print) -> tuple[list[dict], list[str]]:
+    """Metrics of every protocol on the test and validation splits, and the errors of those
+    that failed (each protocol is attempted; a failure does not lose the others)."""
+    defense = config.build_defense()
+    protocols = protocols or defense.protocols_for(model)
+    metrics, errors = [], []
     for protocol in protocols:
-        evaluation = evaluate(model, test, attack, config.target, protocol, seed=eval_seed,
-                              device=device, progress=progress).as_dict()
-        store.add_evaluation(key, evaluation, eval_seed)
-        results.append(evaluation)
-    return results
+        check_protocol(protocol)
+        for split, data in (("test", splits.test), ("validation", splits.validation)):
+            if len(data) == 0:
+                continue
+            try:
+                result = evaluate(model, data, attack, config.target, protocol, seed=eval_seed,
+                                  device=device, progress=progress, defense=defense)
+            except (ValueError, RuntimeError) as error:
+                errors.append(f"{protocol} on {split}: {type(error).__name__}: {error}")
+                log(f"evaluation failed: {errors[-1]}")
+                continue
+            metrics += result.metric_rows(split, eval_seed)
+    return metrics, errors
 
 
-def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root: str | None = None,
-        force: bool = False, progress: bool = True, log=print) -> RunResult:
-    """Run one config, or return its stored result if it has finished before."""
-    key = config.key()
-    stored = store.get_run(key)
-    if stored is not None and stored.status == "finished" and not force:
-        return RunResult(key, config, store.evaluations(key), stored.history,
-                         stored.wall_seconds or 0.0, cached=True, checkpoint=stored.checkpoint)
+def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=None,
+            device: str = "cpu", progress: bool = True, log=print, on_epoch=None,
+            backdoored_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+    """Run one config without touching any store.
+
+    ``on_epoch(history)`` is called after every training epoch (the driver records progress with
+    it). A post-training defense repairs ``backdoored_state`` (the undefended model of the same
+    setup) when given, and trains that model here first when not.
+    """
     config.validate()
     attack, defense = config.build_attack(), config.build_defense()
-    start = time.monotonic()
-    train_set, test_set = load_data(config, data_root)
+    loaded = loaded or load_data(config.dataset, data_root)
+    key, setup_key = config.key(loaded.fingerprint), config.setup_key(loaded.fingerprint)
+    stages: dict[str, float] = {}
+    clock = time.monotonic()
+    splits = run_splits(config, loaded)
+    log(f"[{key[:8]}] {config.dataset}: {len(splits.train)} train / {len(splits.validation)} "
+        f"validation / {len(splits.reserve)} reserve / {len(splits.test)} test images; "
+        f"{config.attack} {config.poison_ratio:.0%} -> class {config.target}; defense "
+        f"{config.defense}; {config.model} width {config.width}")
+    attack.fit(splits.train, seed=stream_seed(config.seed, "attack-fit"), device=device)
+    poisoned = attack.poison(splits.train, config.poison_ratio, config.target,
+                             stream_seed(config.seed, "poison"), config.poison_pool)
+    stages["poison"] = time.monotonic() - clock
     info = dataset_info(config.dataset)
-    log(f"[{key}] {config.dataset}: {len(train_set)} train / {len(test_set)} test images; "
-        f"{config.attack} {config.poison_ratio:.0%} -> class {config.target}; "
-        f"defense {config.defense}; {config.model} width {config.width}")
-    poisoned = attack.fit(train_set).poison(train_set, config.poison_ratio, config.target,
-                                            config.seed)
-    store.start_run(key, config.resolved(), library_versions(), git_commit())
     history: list[dict] = []
+    attack_hooks = attack.training_hooks(config.target, stream_seed(config.seed, "attack-hooks"))
+    calls = [0]
 
     def record_epoch(record):
         history.append(record)
-        store.update_history(key, history)
+        if on_epoch is not None:
+            on_epoch(history)
 
-    def train_model(model, data):
-        return train(model, data, config.train, seed=config.seed + 2,
+    def train_model(model, data, hooks=(), **overrides):
+        """The shared trainer with the run's settings (``overrides`` change TrainConfig fields).
+        The attack's own hooks act only when training on the poisoned training set itself."""
+        calls[0] += 1
+        stream = "train" if calls[0] == 1 else f"train-{calls[0]}"
+        own = list(attack_hooks) if data is poisoned.data else []
+        return train(model, data, dataclasses.replace(config.train, **overrides),
+                     seed=stream_seed(config.seed, stream),
                      augmentation=Augmentation(info.crop_padding, info.flip), device=device,
-                     progress=progress, description=f"[{key}] {config.defense}",
-                     on_epoch_end=record_epoch)
+                     progress=progress, description=f"[{key[:8]}] {config.defense}",
+                     hooks=[*own, *hooks, EpochEndHook(record_epoch)])
 
     def fresh_model():
-        torch.manual_seed(config.seed)
-        return build_model(config, train_set)
+        torch.manual_seed(stream_seed(config.seed, "init"))
+        return build_model(config, splits.train)
 
+    def backdoored_model():
+        state = backdoored_state
+        if state is None:  # no store to reuse: train the undefended model of this setup here
+            log(f"[{key[:8]}] training the undefended model of this setup first")
+            state = execute(config.with_defense("none"), loaded=loaded, device=device,
+                            progress=progress, log=log).model_state
+        model = fresh_model()
+        model.load_state_dict(state)
+        return model
+
+    context = DefenseContext(
+        poisoned.data, fresh_model, train_model, seed=config.seed, device=device,
+        clean_reserve=splits.reserve, clean_rights=defense.clean_data,
+        backdoored_model=backdoored_model if defense.starts_from == "backdoored" else None)
+    clock = time.monotonic()
+    outcome = defense.defend(context)
+    outcome = outcome if isinstance(outcome, DefenseResult) else DefenseResult(outcome)
+    stages["defend"] = time.monotonic() - clock
+    model = outcome.model
+    clock = time.monotonic()
+    metrics, errors = evaluate_model(config, model, attack, splits, device=device,
+                                     progress=progress, log=log)
+    stages["evaluate"] = time.monotonic() - clock
+    if outcome.flagged is not None:
+        metrics += detection_metrics(outcome.flagged, poisoned.is_poisoned)
+    metrics += [dict(split="run", protocol="cost", metric=f"seconds.{stage}", value=seconds)
+                for stage, seconds in stages.items()]
+    extra = dict(data_fingerprint=loaded.fingerprint, poisoned=len(poisoned.poison_indices),
+                 flipped_labels=poisoned.flipped_labels, device=device_description(device),
+                 split_sizes=dict(train=len(splits.train), validation=len(splits.validation),
+                                  reserve=len(splits.reserve), test=len(splits.test)),
+                 defense=outcome.extra)
+    return RunResult(key, setup_key, config, "evaluation-failed" if errors else "finished",
+                     metrics, history, sum(stages.values()),
+                     model_state={name: tensor.detach().cpu().contiguous()
+                                  for name, tensor in model.state_dict().items()},
+                     attack_state=attack.fitted_state(),
+                     error="; ".join(errors) or None, extra=extra)
+
+
+# -- recording: the driver --------------------------------------------------------------------
+
+def record(store: ResultStore, result: RunResult, token: str) -> RunResult:
+    """Write a result into the store: files first (atomically), then its rows in one
+    transaction."""
+    checkpoint = store.write_tensors(f"{result.key}.safetensors", result.model_state)
+    attack_state = (store.write_tensors(f"{result.key}.attack.safetensors", result.attack_state)
+                    if result.attack_state else None)
+    store.complete(result.key, token, status=result.status, history=result.history,
+                   metrics=result.metrics, wall_seconds=result.wall_seconds,
+                   checkpoint=checkpoint, attack_state=attack_state, error=result.error,
+                   extra=result.extra)
+    result.checkpoint = checkpoint
+    return result
+
+
+def stored_result(store: ResultStore, run: StoredRun, config: RunConfig) -> RunResult:
+    return RunResult(run.key, run.setup_key or "", config, run.status, store.metrics(run.key),
+                     run.history, run.wall_seconds or 0.0, error=run.error, extra=run.extra,
+                     cached=True, checkpoint=run.checkpoint)
+
+
+def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root=None,
+        force: bool = False, progress: bool = True, log=print, poll_seconds: float = 5.0,
+        loaded: LoadedData | None = None) -> RunResult:
+    """Run one config and record it, or return its stored result if it has finished before.
+
+    The key is claimed first: if another live process holds it, this one waits for its result
+    instead of training it twice; a claim whose process died is taken over. ``force`` removes
+    the stored run, its metrics and files, and runs it again.
+    """
+    config.validate()  # every setting checked before the data loads
+    loaded = loaded or load_data(config.dataset, data_root)
+    key, setup_key = config.key(loaded.fingerprint), config.setup_key(loaded.fingerprint)
+    waiting = False
+    while True:
+        claim = store.claim(key, setup_key, config.resolved(), library_versions(), git_commit(),
+                            device_description(device), force=force)
+        if claim.state == "finished":
+            return stored_result(store, claim.run, config)
+        if claim.state == "claimed":
+            break
+        if not waiting:
+            log(f"[{key[:8]}] is being run by pid {claim.run.pid} on {claim.run.host}; "
+                "waiting for its result")
+            waiting, force = True, False
+        time.sleep(poll_seconds)
+    token = claim.token
     try:
-        model = defense.defend(DefenseContext(poisoned, fresh_model, train_model))
-        checkpoint = store.checkpoint_dir / f"{key}.safetensors"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: tensor.detach().cpu().contiguous()
-                   for name, tensor in model.state_dict().items()}, str(checkpoint))
-        evaluations = evaluate_and_store(store, key, config, model, test_set,
-                                         protocols_for(model), device=device, progress=progress)
-    except BaseException as error:  # an interrupted run is marked, finished ones stay
-        store.fail_run(key, f"{type(error).__name__}: {error}")
+        with store.heartbeat(key, token):
+            backdoored_state = None
+            if config.build_defense().starts_from == "backdoored":
+                reference = run(config.with_defense("none"), store, device=device,
+                                progress=progress, log=log, loaded=loaded)
+                backdoored_state = load_checkpoint(store, store.get_run(reference.key))
+            result = execute(config, loaded=loaded, device=device, progress=progress, log=log,
+                             on_epoch=lambda history: store.update_history(key, token, history),
+                             backdoored_state=backdoored_state)
+            return record(store, result, token)
+    except BaseException as error:  # an interrupted run is marked; finished ones stay
+        store.fail(key, token, f"{type(error).__name__}: {error}")
         raise
-    wall = time.monotonic() - start
-    summary = {e["protocol"]: {m: e[m] for m in ("acc", "asr", "ra")} for e in evaluations}
-    store.finish_run(key, history, summary, wall, str(checkpoint))
-    return RunResult(key, config, evaluations, history, wall, cached=False,
-                     checkpoint=str(checkpoint))
+
+
+# -- re-evaluating a stored run ---------------------------------------------------------------
+
+def load_checkpoint(store: ResultStore, run: StoredRun) -> dict[str, torch.Tensor]:
+    return store.read_tensors(run.checkpoint, "checkpoint", run.key)
+
+
+def load_run_model(store: ResultStore, run: StoredRun, data: ImageSet) -> nn.Module:
+    """Rebuild a stored run's model (with its defense's layers) and load its checkpoint."""
+    config = RunConfig.from_dict(run.config)
+    model = config.build_defense().prepare_model(build_model(config, data))
+    model.load_state_dict(load_checkpoint(store, run))
+    return model
+
+
+def load_run_attack(store: ResultStore, run: StoredRun):
+    """The attack the run's model was poisoned with, with its fitted state restored."""
+    attack = RunConfig.from_dict(run.config).build_attack()
+    if run.attack_state:
+        attack.load_fitted_state(store.read_tensors(run.attack_state, "fitted attack state",
+                                                    run.key))
+    attack.check_fitted()
+    return attack
+
+
+def reevaluate(store: ResultStore, run: StoredRun, *, data_root=None, protocols=None,
+               eval_seed: int = 0, device: str = "cpu", progress: bool = True,
+               log=print) -> list[dict]:
+    """Evaluate a stored run's checkpoint again (also one whose evaluation failed) and record
+    the metrics; the run becomes finished when every protocol succeeds."""
+    if run.status not in ("finished", "evaluation-failed"):
+        raise ValueError(f"run {run.key} is {run.status}: only a trained run can be evaluated "
+                         "(run it again to train it)")
+    config = RunConfig.from_dict(run.config)
+    loaded = load_data(config.dataset, data_root)
+    recorded = run.extra.get("data_fingerprint")
+    if recorded and recorded != loaded.fingerprint:
+        raise ValueError(f"the {config.dataset} files found (fingerprint {loaded.fingerprint}) "
+                         f"are not the data run {run.key[:8]} was trained on ({recorded}): "
+                         "pass the original files with --data-root")
+    splits = run_splits(config, loaded)
+    model = load_run_model(store, run, splits.train)
+    attack = load_run_attack(store, run)
+    metrics, errors = evaluate_model(config, model, attack, splits, protocols=protocols,
+                                     eval_seed=eval_seed, device=device, progress=progress,
+                                     log=log)
+    store.record_evaluation(run.key, metrics,
+                            status="evaluation-failed" if errors else "finished",
+                            error="; ".join(errors) or None)
+    if errors:
+        raise ValueError("evaluation failed: " + "; ".join(errors))
+    return metrics

@@ -10,15 +10,26 @@ matrix, d reaches 65,536 after a CIFAR ResNet's first stage) and never divides b
 singular value. The filter is a B × B matrix P applied from the left, F' = P F, which is what the
 batch-composition analyses in :mod:`eigenguard.evaluate` build on.
 
-When the batch has fewer than k nonzero singular values (B < k, a partial last batch, rank-deficient
-features) the filter uses k_eff = that number, so a batch of one passes unchanged.
+The filter damps the dominant directions relative to a tail, so it needs one: a batch is filtered
+only when it has more than k nonzero singular values (a singular value counts as nonzero above
+``rank_rtol`` times the largest, the one rank threshold of this module). A batch with k or fewer
+(B ≤ k: a small last batch, the local batch under DDP, a batch of one; or rank-deficient
+features) passes unchanged, P = I: forcing all its directions to one scale would whiten it,
+keeping the subspace it spans and none of the relative magnitudes the next layers learn from.
+:class:`EigenGuard` in training mode filters such a batch with its running subspace instead, when
+it has one.
 
 Because U_k diag(g) U_kᵀ F = F V_k diag(g) V_kᵀ, the same filter can act on each row alone given the
 right singular vectors V_k and the singular values. :class:`EigenGuard` keeps running estimates of
 them (like BatchNorm's running statistics) for a batch-independent evaluation mode.
+
+Everything here runs with autocast disabled: the spectrum needs float32 products at least (float64
+for the Gram matrices), and autocast would run them in bfloat16 or float16. The output has the
+input's dtype.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import math
 
@@ -32,7 +43,8 @@ METHODS = ("gram", "svd")
 GRAD_MODES = ("detach", "full")
 EVAL_MODES = ("batch", "running", "identity")
 
-#: singular values at or below this fraction of the largest count as zero when finding k_eff.
+#: singular values at or below this fraction of the largest count as zero (on eigenvalues of a
+#: Gram matrix or second moment, which are squared singular values: rank_rtol²).
 DEFAULT_RANK_RTOL = 1e-5
 #: eigenvalue gaps below this fraction of the largest eigenvalue are smoothed in grad="full".
 DEFAULT_GAP_RTOL = 1e-6
@@ -70,6 +82,23 @@ def _check_finite(values: torch.Tensor) -> None:
         raise FloatingPointError(
             "EigenGuard received non-finite features (NaN or Inf): the layers before it diverged. "
             "Lower the learning rate or check the input data for NaN values.")
+
+
+def _nonzero(singular: torch.Tensor, rank_rtol: float) -> torch.Tensor:
+    """Which values of a descending spectrum of singular values count as nonzero (last dim)."""
+    return singular > singular[..., :1] * rank_rtol
+
+
+def _autocast_off(function):
+    """Run ``function`` with autocast disabled on the device of its first tensor argument."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        device = next(arg for arg in args if isinstance(arg, torch.Tensor)).device.type
+        if not torch.amp.is_autocast_available(device):
+            return function(*args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return function(*args, **kwargs)
+    return run
 
 
 class _SafeEigh(torch.autograd.Function):
@@ -111,32 +140,37 @@ def filter_weights(gram: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: 
 
     Computed in float64 whatever G's dtype: B is small, and the eigenvalues of G are the squared
     singular values of F, so single precision would lose the lower half of the spectrum.
+    P = I for a batch with k or fewer nonzero singular values (no tail to damp; module docstring).
     With ``differentiable=True`` autograd goes through the eigendecomposition (see _SafeEigh).
     """
+    return _weights_and_tail(gram, k, tail_scale, scale, rank_rtol, differentiable, gap_rtol)[0]
+
+
+def _weights_and_tail(gram, k, tail_scale, scale, rank_rtol, differentiable=False,
+                      gap_rtol=DEFAULT_GAP_RTOL):
+    """filter_weights, and whether each batch had a tail (was filtered), shape (..., 1)."""
     k = _check_settings(k, tail_scale, scale, rank_rtol)
     gram = gram.to(torch.float64) if differentiable else gram.detach().to(torch.float64)
     _check_finite(gram)
     n = gram.shape[-1]
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    if n <= k:  # B ≤ k: no batch has a tail
+        return eye.expand(gram.shape).clone(), gram.new_zeros(gram.shape[:-1] + (1,), dtype=bool)
     if differentiable:
         eigenvalues, eigenvectors = _SafeEigh.apply(gram, gap_rtol)
     else:
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
     power = eigenvalues.flip(-1)  # descending squared singular values of F
     vectors = eigenvectors.flip(-1)
-    with torch.no_grad():  # k_eff: how many of the top k singular values are nonzero, per batch
-        plain = power.clamp_min(0).sqrt()
-        rank = (plain > plain[..., :1] * rank_rtol).sum(-1, keepdim=True)
-        k_eff = rank.clamp(max=k)
-        top = torch.arange(n, device=gram.device) < k_eff  # directions forced to the common scale
+    with torch.no_grad():
+        tail = _nonzero(power.clamp_min(0).sqrt(), rank_rtol).sum(-1, keepdim=True) > k
+        top = (torch.arange(n, device=gram.device) < k) & tail  # forced to the common scale
     # square roots only where the value is positive, so no infinite derivative appears elsewhere
     sigma = torch.where(top, power, torch.ones_like(power)).sqrt()
-    if scale == "kth":
-        common = sigma.gather(-1, (k_eff - 1).clamp_min(0))
-    else:
-        common = (sigma * top).sum(-1, keepdim=True) / k_eff.clamp_min(1)
+    common = sigma[..., k - 1:k] if scale == "kth" else (sigma * top).sum(-1, keepdim=True) / k
     gain = torch.where(top, common / sigma - tail_scale, torch.zeros_like(sigma))
-    weights = (vectors * gain.unsqueeze(-2)) @ vectors.transpose(-1, -2)
-    return weights + tail_scale * torch.eye(n, dtype=weights.dtype, device=weights.device)
+    weights = (vectors * gain.unsqueeze(-2)) @ vectors.transpose(-1, -2) + tail_scale * eye
+    return torch.where(tail.unsqueeze(-1), weights, eye), tail
 
 
 #: bytes of one float64 column block in exact_gram: small enough to stay in a CPU core's cache.
@@ -165,6 +199,18 @@ def exact_gram(rows: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def _float64_rows(parts: list[torch.Tensor]):
+    """The rows of (d, n_i) matrices side by side, converted to float64 a block of rows at a time.
+
+    On the CPU each block holds about GRAM_BLOCK_BYTES and is converted while in cache (see
+    exact_gram); elsewhere there is one block. Yields (first row, block).
+    """
+    length, width = parts[0].shape[0], sum(part.shape[1] for part in parts)
+    block = length if parts[0].device.type != "cpu" else max(1, GRAM_BLOCK_BYTES // (8 * width))
+    for start in range(0, length, block):
+        yield start, torch.cat([part[start:start + block] for part in parts], 1).to(torch.float64)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -172,16 +218,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def svd_filter_weights(flat: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: str = "kth",
                        rank_rtol: float = DEFAULT_RANK_RTOL) -> torch.Tensor:
     """The reference path: P from ``torch.linalg.svd`` of F itself (slow; for tests and benchmarks)."""
+    return _svd_weights_and_tail(flat, k, tail_scale, scale, rank_rtol)[0]
+
+
+def _svd_weights_and_tail(flat, k, tail_scale, scale, rank_rtol):
     k = _check_settings(k, tail_scale, scale, rank_rtol)
     exact = flat.detach().to(torch.float64)
     _check_finite(exact)
     u, sigma, _ = torch.linalg.svd(exact, full_matrices=False)
-    gains, k_eff = _gains(sigma, k, tail_scale, scale, rank_rtol)
-    top = u[:, :k_eff]
     eye = torch.eye(exact.shape[0], dtype=torch.float64, device=exact.device)
-    return tail_scale * eye + (top * gains) @ top.T
+    gains = _top_gains(sigma, k, tail_scale, scale, rank_rtol)
+    if gains is None:
+        return eye, False
+    top = u[:, :k]
+    return tail_scale * eye + (top * gains) @ top.T, True
 
 
+@_autocast_off
 def spectral_filter(features: torch.Tensor, k: int, tail_scale: float = 1e-3, scale: str = "kth",
                     rank_rtol: float = DEFAULT_RANK_RTOL, method: str = "gram",
                     grad: str = "detach") -> torch.Tensor:
@@ -191,10 +244,12 @@ def spectral_filter(features: torch.Tensor, k: int, tail_scale: float = 1e-3, sc
     (the reference) takes the SVD of the B × d features. With ``grad="detach"`` the filter matrix
     is a constant for autograd (the gradient flows through F' = P F with P fixed); with
     ``grad="full"`` it is the exact derivative through the eigendecomposition, with near-equal
-    eigenvalues safeguarded (fast path only).
+    eigenvalues safeguarded (fast path only). A batch with k or fewer nonzero singular values
+    (B ≤ k, a batch of one) is returned unchanged: it has no tail to damp, and equalising all
+    of its directions would whiten it.
     """
     flat = _flatten_batch(features, method, grad)
-    weights, _ = _filter_matrix(flat, k, tail_scale, scale, rank_rtol, method, grad)
+    weights, _, _ = _filter_matrix(flat, k, tail_scale, scale, rank_rtol, method, grad)
     return _apply_filter(weights, flat, features)
 
 
@@ -215,17 +270,21 @@ def _flatten_batch(features: torch.Tensor, method: str, grad: str) -> torch.Tens
 
 
 def _filter_matrix(flat, k, tail_scale, scale, rank_rtol, method, grad):
-    """The filter matrix P, and the float64 Gram matrix F Fᵀ it came from (None on the SVD path)."""
+    """The filter matrix P, the float64 Gram matrix F Fᵀ it came from (None on the SVD path), and
+    whether the batch had a tail (False: P = I)."""
     if grad == "full" and torch.is_grad_enabled():
         exact = flat.to(torch.float64)
         gram = exact @ exact.T
-        weights = filter_weights(gram, k, tail_scale, scale, rank_rtol, differentiable=True)
-        return weights, gram.detach()
+        weights, tail = _weights_and_tail(gram, k, tail_scale, scale, rank_rtol,
+                                          differentiable=True)
+        return weights, gram.detach(), bool(tail.all())
     with torch.no_grad():
         if method == "svd":
-            return svd_filter_weights(flat, k, tail_scale, scale, rank_rtol), None
+            weights, tail = _svd_weights_and_tail(flat, k, tail_scale, scale, rank_rtol)
+            return weights, None, tail
         gram = exact_gram(flat.detach())
-        return filter_weights(gram, k, tail_scale, scale, rank_rtol), gram
+        weights, tail = _weights_and_tail(gram, k, tail_scale, scale, rank_rtol)
+        return weights, gram, bool(tail.all())
 
 
 def _apply_filter(weights: torch.Tensor, flat: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -234,30 +293,36 @@ def _apply_filter(weights: torch.Tensor, flat: torch.Tensor, features: torch.Ten
     return out.to(features.dtype).reshape(features.shape)
 
 
-def _gains(sigma: torch.Tensor, k: int, tail_scale: float, scale: str, rank_rtol: float):
-    """Per-direction gains c/σ_i − t for the top k_eff of a descending spectrum, and k_eff."""
-    rank = int((sigma > sigma[:1] * rank_rtol).sum()) if sigma.numel() else 0
-    k_eff = min(k, rank)
-    top = sigma[:k_eff]
-    if k_eff == 0:
-        return top, 0
+def _top_gains(sigma: torch.Tensor, k: int, tail_scale: float, scale: str, rank_rtol: float):
+    """Gains c/σ_i − t of the top k values of a descending spectrum of singular values, or None
+    when it has k or fewer nonzero values (no tail: the filter is the identity)."""
+    if int(_nonzero(sigma, rank_rtol).sum()) <= k:
+        return None
+    top = sigma[:k]
     common = top[-1] if scale == "kth" else top.mean()
-    return common / top - tail_scale, k_eff
+    return common / top - tail_scale
 
 
+@_autocast_off
 def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torch.Tensor,
-                            momentum: float, rank: int,
-                            batch_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            momentum: float, rank: int, batch_gram: torch.Tensor | None = None,
+                            rank_rtol: float = DEFAULT_RANK_RTOL
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of an exponential moving average of the feature second moment E[x xᵀ], kept at rank r.
 
     ``basis`` (d × r) and ``power`` (r) hold M ≈ V diag(λ) Vᵀ. The new M is
     (1 − m)·M + m·FᵀF / B = A Aᵀ with A = [V·a, s·Fᵀ], a = sqrt((1 − m)λ), s = sqrt(m / B), whose
     top r eigenpairs come from the small (r + B) × (r + B) matrix AᵀA: memory O(r·d), never d × d.
-    AᵀA is assembled from blocks: a·(VᵀV)·a, the cross term a·(VᵀFᵀ)·s and s²·F Fᵀ, the batch Gram
-    matrix that the filter has already computed (pass it as ``batch_gram`` to skip the product).
-    An empty ``basis`` starts the estimate from this batch alone.
+    AᵀA is assembled in float64 from blocks: a·(VᵀV)·a, the cross term a·(VᵀFᵀ)·s and s²·F Fᵀ, the
+    batch Gram matrix that the filter has already computed (pass it as ``batch_gram`` to skip the
+    product). Directions are kept by the filter's threshold, sqrt(λ_i) > rank_rtol·sqrt(λ_1), so a
+    direction the batch filter counts is also kept here. Float64 makes λ exact to about
+    1e-14·λ_1, far below rank_rtol² = 1e-10 at the default, and forms the new basis vectors
+    A·v_i/sqrt(λ_i) without the cancellation that would leak the strong directions into a weak
+    one in float32 (stored in float32, they carry its rounding only). An empty ``basis`` starts
+    the estimate from this batch alone.
     """
-    work = _compute_dtype(flat.dtype)  # float32 products suffice for the dominant subspace
+    work = _compute_dtype(flat.dtype)
     rows = flat.detach().to(work)
     batch = rows.shape[0]
     if batch_gram is None:
@@ -265,28 +330,31 @@ def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torc
     r = basis.shape[1] if basis.numel() else 0
     if not r:
         momentum = 1.0
-    new_weight = math.sqrt(momentum / batch)
+    old = basis.to(work)
+    columns = [old, rows.T] if r else [rows.T]  # A = [V, Fᵀ] · diag(weight)
+    weight = torch.cat([(power.to(torch.float64).clamp_min(0) * (1 - momentum)).sqrt()[:r],
+                        rows.new_full((batch,), math.sqrt(momentum / batch), dtype=torch.float64)])
     gram = torch.empty(r + batch, r + batch, dtype=torch.float64, device=rows.device)
-    gram[r:, r:] = batch_gram.to(torch.float64) * new_weight ** 2
+    gram[r:, r:] = batch_gram.to(torch.float64)
     if r:
-        old = basis.to(work)
-        old_weight = (power.to(torch.float64).clamp_min(0) * (1 - momentum)).sqrt()
-        cross = (rows @ old).T.to(torch.float64) * old_weight.unsqueeze(1) * new_weight
-        gram[:r, :r] = (old.T @ old).to(torch.float64) * torch.outer(old_weight, old_weight)
-        gram[:r, r:] = cross
-        gram[r:, :r] = cross.T
+        top = torch.zeros(r, r + batch, dtype=torch.float64, device=rows.device)
+        for _, block in _float64_rows(columns):
+            top.addmm_(block[:, :r].T, block)  # Vᵀ [V, Fᵀ]
+        gram[:r] = top
+        gram[r:, :r] = top[:, r:].T
+    gram = gram * torch.outer(weight, weight)
     _check_finite(gram)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues, eigenvectors = eigenvalues.flip(0)[:rank], eigenvectors.flip(1)[:, :rank]
     eigenvalues = eigenvalues.clamp_min(0)
-    # directions below the rounding noise of the products carry no information
-    noise = torch.finfo(work).eps * gram.shape[0]
-    keep = eigenvalues > eigenvalues[:1] * noise
+    # below float64 rounding of the small matrix a value means nothing, whatever rank_rtol
+    rounding = eigenvalues[:1] * torch.finfo(torch.float64).eps * gram.shape[0]
+    keep = _nonzero(eigenvalues.sqrt(), rank_rtol) & (eigenvalues > rounding)
     scale = torch.where(keep, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
-    coefficients = eigenvectors * scale  # new basis = A · coefficients
-    new_basis = rows.T @ (coefficients[r:] * new_weight).to(work)
-    if r:
-        new_basis = new_basis + old @ (coefficients[:r] * old_weight.unsqueeze(1)).to(work)
+    coefficients = eigenvectors * scale * weight.unsqueeze(1)  # new basis = [V, Fᵀ] · coefficients
+    new_basis = torch.empty(rows.shape[1], coefficients.shape[1], dtype=work, device=rows.device)
+    for start, block in _float64_rows(columns):
+        new_basis[start:start + block.shape[0]] = block @ coefficients
     new_power = torch.where(keep, eigenvalues, torch.zeros_like(eigenvalues))
     if new_basis.shape[1] < rank:  # fewer columns than the sketch rank so far: pad with zeros
         pad = rank - new_basis.shape[1]
@@ -295,29 +363,39 @@ def update_running_subspace(basis: torch.Tensor, power: torch.Tensor, flat: torc
     return new_basis, new_power.to(torch.float32)
 
 
+@_autocast_off
 def running_filter(features: torch.Tensor, basis: torch.Tensor, power: torch.Tensor, k: int,
                    tail_scale: float = 1e-3, scale: str = "kth",
                    rank_rtol: float = DEFAULT_RANK_RTOL) -> torch.Tensor:
     """The filter with a fixed subspace: x' = t·x + (x V_k) diag(c/σ_i − t) V_kᵀ for each row alone.
 
     σ_i = sqrt(λ_i) of the running second moment; the gains c/σ_i are ratios of singular values, so
-    they do not depend on the batch size the statistics came from.
+    they do not depend on the batch size the statistics came from. Statistics with k or fewer
+    nonzero values return the features unchanged, as the batch filter does on such a batch.
     """
     k = _check_settings(k, tail_scale, scale, rank_rtol)
+    gains = _top_gains(power.to(torch.float64).clamp_min(0).sqrt(), k, tail_scale, scale, rank_rtol)
+    if gains is None:
+        return features
     flat = features.reshape(features.shape[0], -1)
     dtype = _compute_dtype(features.dtype)
-    gains, k_eff = _gains(power.to(torch.float64).clamp_min(0).sqrt(), k, tail_scale, scale,
-                          rank_rtol)
     x = flat.to(dtype)
-    out = tail_scale * x
-    if k_eff:
-        top = basis[:, :k_eff].to(dtype)
-        out = out + ((x @ top) * gains.to(dtype)) @ top.T
+    top = basis[:, :k].to(dtype)
+    out = tail_scale * x + ((x @ top) * gains.to(dtype)) @ top.T
     return out.to(features.dtype).reshape(features.shape)
 
 
 class EigenGuard(nn.Module):
     """Drop-in layer that damps the dominant singular directions of each training batch.
+
+    A training batch with k or fewer nonzero singular values (B ≤ k: a small last batch, the
+    local batch under DDP) has no tail to damp, and equalising its directions would whiten it. It is
+    filtered with the running subspace as it stood before this batch (the filter of evaluation,
+    independent of the batch), or passed unchanged while there are no running statistics yet. It
+    is still folded into the running statistics when due, as BatchNorm folds a small last batch: a
+    run whose every local batch has B ≤ k then filters with the running subspace from its second
+    batch on, instead of never filtering. In ``eval_mode="batch"`` such a test batch passes
+    unchanged (that mode depends on the batch alone, and a batch of one is the identity).
 
     Args:
         k: how many dominant directions are forced to one common scale.
@@ -332,11 +410,14 @@ class EigenGuard(nn.Module):
         track_running_stats: keep, during training, a running estimate of the dominant feature
             subspace (buffers ``running_basis`` d × r and ``running_power`` r, like BatchNorm's
             running statistics; they travel in the state_dict). Required by ``eval_mode="running"``.
+        rank_rtol: singular values at or below this fraction of the largest count as zero, in the
+            batch filter and in the running statistics alike (rank_rtol² on their eigenvalues).
         momentum: weight of each batch folded into the running estimate.
         stats_every: fold one training batch in every ``stats_every`` into the running estimate
-            (the first always); the update costs about as much as the filter after an early
-            stage, and a moving average with momentum 0.1 does not need every batch. Training
-            itself is the same for every value: the running statistics are used only at test time.
+            (the first always); the update costs as much as the filter or more after an early
+            stage, and a moving average with momentum 0.1 does not need every batch. A training
+            batch with more than k directions is filtered the same for every value: the running
+            statistics serve at test time and for training batches without a tail.
         sketch_rank: r, the rank of the running estimate (default 2k).
         method: ``"gram"`` (fast: B × B Gram matrix) or ``"svd"`` (reference: SVD of the features).
     """
@@ -400,14 +481,17 @@ class EigenGuard(nn.Module):
         ``num_batches_tracked`` counts the batches folded in.
         """
         flat = features.reshape(features.shape[0], -1)
-        if self.has_running_stats and self.running_basis.shape[0] != flat.shape[1]:
-            raise ValueError(f"EigenGuard running statistics are for {self.running_basis.shape[0]} "
-                             f"features, got {flat.shape[1]}: the layer sees another shape")
+        self._check_width(flat.shape[1])
         basis, power = update_running_subspace(self.running_basis, self.running_power,
                                                flat.float(), self.momentum, self.sketch_rank,
-                                               batch_gram)
+                                               batch_gram, self.rank_rtol)
         self.running_basis, self.running_power = basis, power
         self.num_batches_tracked += 1
+
+    def _check_width(self, width: int) -> None:
+        if self.has_running_stats and self.running_basis.shape[0] != width:
+            raise ValueError(f"EigenGuard running statistics are for {self.running_basis.shape[0]} "
+                             f"features, got {width}: the layer sees another shape")
 
     def _stats_due(self) -> bool:
         """Whether this training batch is folded into the running statistics (every stats_every-th)."""
@@ -420,6 +504,7 @@ class EigenGuard(nn.Module):
         if not self.has_running_stats:
             raise MissingStatisticsError("EigenGuard has no running statistics: train the model with "
                                "track_running_stats=True before evaluating with eval_mode='running'")
+        self._check_width(features[0].numel())
         return running_filter(features, self.running_basis, self.running_power, self.k,
                               self.tail_scale, self.scale, self.rank_rtol)
 
@@ -446,19 +531,30 @@ class EigenGuard(nn.Module):
         return spectral_filter(features, self.k, self.tail_scale, self.scale, self.rank_rtol,
                                self.method, self.grad)
 
+    @_autocast_off
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.training:
-            flat = _flatten_batch(features, self.method, self.grad)
-            weights, gram = _filter_matrix(flat, self.k, self.tail_scale, self.scale,
-                                           self.rank_rtol, self.method, self.grad)
-            if self.track_running_stats and self._stats_due():
-                self.update_running_stats(features, gram)  # reuses the filter's Gram matrix
-            return _apply_filter(weights, flat, features)
+            return self._training_forward(features)
         if self.eval_mode == "identity":
             return features
         if self.eval_mode == "running":
             return self.running(features)
         return self.filter(features)
+
+    def _training_forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Filter the batch (or, without a tail, use the running subspace), then fold it in."""
+        flat = _flatten_batch(features, self.method, self.grad)
+        weights, gram, tail = _filter_matrix(flat, self.k, self.tail_scale, self.scale,
+                                             self.rank_rtol, self.method, self.grad)
+        if tail:
+            out = _apply_filter(weights, flat, features)
+        elif self.has_running_stats:  # the statistics before this batch: batch-independent
+            out = self.running(features)
+        else:
+            out = features
+        if self.track_running_stats and self._stats_due():
+            self.update_running_stats(features, gram)  # reuses the filter's Gram matrix
+        return out
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())

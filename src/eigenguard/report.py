@@ -1,9 +1,11 @@
 """Tables read back from the result store."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 
+from .defenses.registry import DEFENSES
 from .evaluate import PROTOCOLS, der
 from .errors import EigenGuardError
 from .store import ResultStore, StoredRun
@@ -16,13 +18,15 @@ SUMMARY_COLUMNS = ("dataset", "model", "attack", "poison", "defense", "epochs", 
 
 
 def _defense_label(run: StoredRun) -> str:
+    """The defense's own short label for tables (its name where it cannot be rebuilt)."""
     name = run.config["defense"]
-    settings = run.config.get("defense_settings") or {}
-    if name == "eigenguard":
-        return (f"eigenguard(k={settings.get('k')}, after={settings.get('after')}, "
-                f"tail={settings.get('tail_scale')}, scale={settings.get('scale')}, "
-                f"eval={settings.get('eval_mode')}, stats_every={settings.get('stats_every', 1)})")
-    return name
+    settings = dict(run.config.get("defense_settings") or {})
+    try:
+        defense_class = DEFENSES.get(name)
+        known = {f.name for f in dataclasses.fields(defense_class)}
+        return defense_class(**{k: v for k, v in settings.items() if k in known}).label()
+    except (EigenGuardError, KeyError, TypeError, ValueError):
+        return name
 
 
 def parse_condition(text: str) -> tuple[list[str], object]:
@@ -54,9 +58,16 @@ def config_value(config: dict, path: list[str]):
     return node
 
 
+def same_value(stored, wanted) -> bool:
+    """Equality that keeps booleans apart from numbers (``seed=true`` does not match seed 1)."""
+    if isinstance(stored, bool) or isinstance(wanted, bool):
+        return isinstance(stored, bool) and isinstance(wanted, bool) and stored == wanted
+    return stored == wanted
+
+
 def config_matches(config: dict, conditions: list[tuple[list[str], object]]) -> bool:
     """Whether every (path, value) condition holds in a run's resolved config."""
-    return all(config_value(config, path) == value for path, value in conditions)
+    return all(same_value(config_value(config, path), value) for path, value in conditions)
 
 
 def select_runs(store: ResultStore, prefixes: list[str] = (), where: list[str] = (),
@@ -83,7 +94,7 @@ def _sort_key(value) -> tuple:
 
 def _finished_runs(store: ResultStore, runs: list[StoredRun] | None) -> list[StoredRun]:
     runs = store.find_runs() if runs is None else runs
-    return [run for run in runs if run.status == "finished"]
+    return [run for run in runs if run.status in ("finished", "evaluation-failed")]
 
 
 def _short_commit(commit: str | None) -> str:
@@ -111,9 +122,10 @@ def _config_without(config: dict, *ignored: str) -> str:
                       sort_keys=True)
 
 
-def _setup_key(config: dict) -> str:
-    """What a defended run shares with its undefended reference: all but the defense."""
-    return _config_without(config, "defense", "defense_settings")
+def _setup_key(run: StoredRun) -> str:
+    """What a defended run shares with its undefended reference: the stored setup key (which
+    includes the data's fingerprint); all but the defense for runs stored before it existed."""
+    return run.setup_key or _config_without(run.config, "defense", "defense_settings")
 
 
 def _read(store: ResultStore, runs: list[StoredRun] | None):
@@ -123,19 +135,19 @@ def _read(store: ResultStore, runs: list[StoredRun] | None):
     finished = _finished_runs(store, None)
     runs = finished if runs is None else _finished_runs(store, runs)
     evaluations_of: dict[str, list[dict]] = {}
-    for evaluation in store.evaluations():
+    for evaluation in store.evaluations():  # the test split
         evaluations_of.setdefault(evaluation["run_key"], []).append(evaluation)
     undefended = {}
     for run in finished:
         if run.config.get("defense") == "none":
             for e in evaluations_of.get(run.key, []):
                 if e["protocol"] == "triggered" and e["seed"] == 0:
-                    undefended[_setup_key(run.config)] = (e["acc"], e["asr"])
+                    undefended[_setup_key(run)] = (e["acc"], e["asr"])
     return runs, evaluations_of, undefended
 
 
 def _der_of(run: StoredRun, acc: float, asr: float, undefended: dict) -> float | None:
-    reference = undefended.get(_setup_key(run.config))
+    reference = undefended.get(_setup_key(run))
     if run.config.get("defense") == "none" or reference is None:
         return None
     return der(*reference, acc, asr)

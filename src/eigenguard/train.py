@@ -2,13 +2,48 @@
 
 Data stay in memory as uint8 tensors; each step moves a batch to the device, augments it there as a
 whole and normalises it. Under a fixed seed and thread count the loop is deterministic on CPU.
+
+Attacks and defenses that need more than plain training (WaNet poisons each batch, ABL floods and
+then unlearns, NAD adds attention losses, Input-aware trains a generator alongside) do not fork the
+loop: they pass :class:`TrainHook` objects, which it calls in the order given, at these points::
+
+    on_train_start(state)                          once, before the first epoch
+    for each epoch:
+        on_epoch_start(state)                      after model.train()
+        for each step:
+            batch = on_batch(state, batch)         augmented images in [0, 1], not yet normalised
+            loss = loss(state, batch, logits,      per-sample cross-entropy; the first hook gets
+                        losses, loss)              their mean, each next one the previous result
+            after_step(state, batch)               after optimizer.step(), before the LR schedule
+        on_epoch_end(state, record)                may add keys; then record joins state.history
+    on_train_end(state)                            once, after the last epoch
+
+The final loss must be finite, or training stops with a FloatingPointError.
+
+A hook that stamps a trigger on a quarter of every batch:
+
+>>> import torch
+>>> from eigenguard.data import ImageSet
+>>> class StampCorner(TrainHook):
+...     def on_batch(self, state, batch):
+...         n = len(batch) // 4
+...         batch.images[:n, :, -2:, -2:] = 1.0
+...         batch.labels[:n] = 0
+...         return batch
+>>> data = ImageSet(torch.full((64, 1, 8, 8), 100, dtype=torch.uint8), torch.arange(64) % 2,
+...                 ("even", "odd"), (0.5,), (0.25,), "grey")
+>>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+>>> history = train(model, data, TrainConfig(epochs=2, batch_size=16), seed=0, progress=False,
+...                 hooks=[StampCorner()])
+>>> [record["epoch"] for record in history]
+[1, 2]
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +51,7 @@ from torch import nn
 
 from .data import ImageSet, augment_batch, normalize
 from .progress import Progress
+from .seeding import generator
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -51,9 +87,92 @@ class Augmentation:
     flip: bool = False
 
 
+@dataclass
+class TrainState:
+    """What hooks may read (and, with care, change) while training runs.
+
+    ``epoch`` is 1-based; ``step`` counts optimiser steps taken so far, so during ``on_batch`` and
+    ``loss`` it is the index of the current step and in ``after_step`` it already includes it.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: TrainConfig
+    data: ImageSet
+    device: torch.device
+    epoch: int = 0
+    step: int = 0
+    steps_per_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """One step's samples: float images in [0, 1] on the device (augmented, not yet normalised),
+    int64 labels on the device, and the int64 CPU positions of the samples in the training set."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class TrainHook:
+    """Base class of training hooks: each method does nothing, so a hook overrides what it needs."""
+
+    def on_train_start(self, state: TrainState) -> None:
+        pass
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        pass
+
+    def on_batch(self, state: TrainState, batch: Batch) -> Batch:
+        """Return the batch to train on: images and labels may change, samples may come or go."""
+        return batch
+
+    def loss(self, state: TrainState, batch: Batch, logits: torch.Tensor, losses: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor:
+        """Return the scalar loss to optimise; ``losses`` is the per-sample cross-entropy."""
+        return loss
+
+    def after_step(self, state: TrainState, batch: Batch) -> None:
+        """Runs after ``optimizer.step()``: the place to step an optimiser of the hook's own."""
+
+    def on_epoch_end(self, state: TrainState, record: dict) -> None:
+        """``record`` is the epoch's summary; keys added here end up in the returned history."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        pass
+
+
+class EpochEndHook(TrainHook):
+    """Calls ``fn(record)`` after each epoch, e.g. ``EpochEndHook(history.append)``."""
+
+    def __init__(self, fn: Callable[[dict], None]):
+        self.fn = fn
+
+    def on_epoch_end(self, state: TrainState, record: dict) -> None:
+        self.fn(record)
+
+
 def model_input(images: torch.Tensor, data: ImageSet) -> torch.Tensor:
     """uint8 batch on any device -> normalised float batch."""
     return normalize(images.float().div_(255), data.mean, data.std)
+
+
+def batch_slices(num_samples: int, batch_size: int) -> list[slice]:
+    """Slices of one epoch's order that cover every sample once.
+
+    A last partial batch smaller than half a batch joins the one before it: a step on a handful of
+    samples gives BatchNorm noisy statistics and leaves EigenGuard's batch filter, which needs more
+    samples than directions it damps, nothing to filter. A set smaller than one batch is one step.
+    """
+    steps = max(1, num_samples // batch_size + (2 * (num_samples % batch_size) >= batch_size))
+    return [slice(i * batch_size, num_samples if i == steps - 1 else (i + 1) * batch_size)
+            for i in range(steps)]
 
 
 def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
@@ -68,39 +187,61 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
 def train(model: nn.Module, data: ImageSet, config: TrainConfig, *, seed: int,
           augmentation: Augmentation = Augmentation(), device: str | torch.device = "cpu",
           progress: bool = True, description: str = "train",
-          on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``model`` in place on ``data``; returns one dict per epoch (loss, accuracy, lr, time).
+          hooks: Iterable[TrainHook] = ()) -> list[dict]:
+    """Train ``model`` in place on ``data``; returns one dict per epoch (loss, train_acc, lr, time).
 
-    The last partial batch is kept, so every sample is seen once per epoch.
+    Each epoch visits every sample once in a fresh random order, in batches of
+    ``config.batch_size`` (see :func:`batch_slices` for the last one). ``loss`` and ``train_acc``
+    average over the samples the hooks let through, ``loss`` being the loss optimised. The epoch
+    order and the augmentations draw from their own streams of ``seed``.
     """
+    if len(data) == 0:
+        raise ValueError(f"{data.name}: no samples to train on")
+    hooks = tuple(hooks)
     device = torch.device(device)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=False)
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    scheduler = make_scheduler(optimizer, config, config.epochs * steps_per_epoch)
-    order_generator = torch.Generator().manual_seed(seed)
-    augment_generator = torch.Generator().manual_seed(seed + 1)
-    images, labels = data.images, data.labels
-    history = []
+    slices = batch_slices(len(data), config.batch_size)
+    scheduler = make_scheduler(optimizer, config, config.epochs * len(slices))
+    state = TrainState(model, optimizer, scheduler, config, data, device,
+                       steps_per_epoch=len(slices))
+    order_generator = generator(seed, "epoch-order")
+    augment_generator = generator(seed, "augment")
+    for hook in hooks:
+        hook.on_train_start(state)
     for epoch in range(1, config.epochs + 1):
+        state.epoch = epoch
         model.train()
+        for hook in hooks:
+            hook.on_epoch_start(state)
         start = time.monotonic()
         order = torch.randperm(len(data), generator=order_generator)
-        bar = Progress(steps_per_epoch, f"{description} epoch {epoch}/{config.epochs}",
+        bar = Progress(len(slices), f"{description} epoch {epoch}/{config.epochs}",
                        enabled=progress)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = 0
-        for step in range(steps_per_epoch):
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
-            x = images[batch].to(device, non_blocking=True).float().div_(255)
-            y = labels[batch].to(device, non_blocking=True)
+        correct = seen = 0
+        for step, rows in enumerate(slices):
+            indices = order[rows]
+            x = data.images[indices].to(device, non_blocking=True).float().div_(255)
+            y = data.labels[indices].to(device, non_blocking=True)
             if config.augment:
                 x = augment_batch(x, crop_padding=augmentation.crop_padding,
                                   flip=augmentation.flip, generator=augment_generator)
-            x = normalize(x, data.mean, data.std)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            batch = Batch(x, y, indices)
+            for hook in hooks:
+                batch = hook.on_batch(state, batch)
+                if not isinstance(batch, Batch):
+                    raise TypeError(f"{type(hook).__name__}.on_batch must return a Batch, "
+                                    f"got {type(batch).__name__}")
+            logits = model(normalize(batch.images, data.mean, data.std))
+            losses = F.cross_entropy(logits, batch.labels, reduction="none")
+            loss = losses.mean()
+            for hook in hooks:
+                loss = hook.loss(state, batch, logits, losses, loss)
+                if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+                    raise TypeError(f"{type(hook).__name__}.loss must return a scalar tensor, "
+                                    f"got {getattr(loss, 'shape', type(loss).__name__)}")
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch}, step {step + 1}: "
@@ -108,17 +249,23 @@ def train(model: nn.Module, data: ImageSet, config: TrainConfig, *, seed: int,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            state.step += 1
+            for hook in hooks:
+                hook.after_step(state, batch)
             scheduler.step()
             loss_sum += loss.detach().double().cpu() * len(batch)
-            correct += int((logits.argmax(1) == y).sum())
-            if progress and (step % 20 == 0 or step + 1 == steps_per_epoch):
+            correct += int((logits.argmax(1) == batch.labels).sum())
+            seen += len(batch)
+            if progress and (step % 20 == 0 or step + 1 == len(slices)):
                 bar.update(0, f"loss {loss.item():.3f}")
             bar.update()
-        record = dict(epoch=epoch, loss=float(loss_sum) / len(data),
-                      train_acc=correct / len(data), lr=optimizer.param_groups[0]["lr"],
+        record = dict(epoch=epoch, loss=float(loss_sum) / seen,
+                      train_acc=correct / seen, lr=optimizer.param_groups[0]["lr"],
                       seconds=time.monotonic() - start)
         bar.close(f"loss {record['loss']:.3f}, train acc {100 * record['train_acc']:.1f}%")
-        history.append(record)
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-    return history
+        for hook in hooks:
+            hook.on_epoch_end(state, record)
+        state.history.append(record)
+    for hook in hooks:
+        hook.on_train_end(state)
+    return state.history

@@ -1,6 +1,7 @@
 """Backdoor attacks behind one interface: ``apply`` adds a trigger, ``poison`` builds a PoisonedSet."""
 from . import badnets, blended  # noqa: F401  (registration)
-from .base import Attack, PoisonedSet
+from .base import POISON_POOLS, Attack, NotFittedError, PoisonedSet
 from .registry import create_attack, list_attacks, register_attack
 
-__all__ = ["Attack", "PoisonedSet", "create_attack", "list_attacks", "register_attack"]
+__all__ = ["Attack", "NotFittedError", "POISON_POOLS", "PoisonedSet", "create_attack",
+           "list_attacks", "register_attack"]

@@ -1,4 +1,16 @@
-"""The attack interface and the poisoned training set every attack returns."""
+"""The attack interface and the poisoned training set every attack returns.
+
+Three kinds of attack fit behind it (docs/EXTENDING.md shows one of each):
+
+- *static*: the trigger is a function of the settings (BadNets); only :meth:`Attack.apply`;
+- *fitted*: :meth:`Attack.fit` learns something from the training set (a sampled pattern, a
+  helper model, an optimised trigger) and keeps it in attributes ending in ``_`` (the
+  scikit-learn convention). :meth:`Attack.fitted_state` returns them as tensors; the run saves
+  them beside its checkpoint and :meth:`Attack.load_fitted_state` restores them, so evaluation
+  always applies the fitted attack the model was poisoned with;
+- *training-controlled*: the attack also edits each training batch through the trainer's hooks
+  (:meth:`Attack.training_hooks`), as WaNet, Input-aware and BppAttack do in their papers.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +19,21 @@ from dataclasses import dataclass
 import torch
 
 from ..data import ImageSet
+from ..errors import EigenGuardError
+
+#: where dirty-label attacks draw their samples: BackdoorBench draws from the whole training set,
+#: so about 1/C of them already carry the target label; "non-target" draws from the other classes
+POISON_POOLS = ("all", "non-target")
+
+
+class NotFittedError(EigenGuardError, RuntimeError):
+    """An attack that learns its trigger was used before :meth:`Attack.fit`."""
 
 
 @dataclass(frozen=True, eq=False)
 class PoisonedSet:
-    """A training set after poisoning, with what is needed to audit it."""
+    """A training set after poisoning, with what is needed to audit it (the harness's ground
+    truth: a defense never receives this object, only ``data``)."""
 
     data: ImageSet
     poison_indices: torch.Tensor  # int64, sorted
@@ -23,6 +45,12 @@ class PoisonedSet:
         mask = torch.zeros(len(self.data), dtype=torch.bool)
         mask[self.poison_indices] = True
         return mask
+
+    @property
+    def flipped_labels(self) -> int:
+        """How many poisoned samples had their label changed (dirty-label samples drawn from the
+        target class keep theirs)."""
+        return int((self.original_labels[self.poison_indices] != self.target).sum())
 
 
 def check_poison_args(train: ImageSet, ratio: float, target: int) -> None:
@@ -36,33 +64,92 @@ def check_poison_args(train: ImageSet, ratio: float, target: int) -> None:
 class Attack:
     """Base class: constructors take keyword settings and do no work (scikit-learn style).
 
-    Subclasses implement :meth:`apply`; attacks that need a helper model override :meth:`fit`.
-    Dirty-label attacks poison samples drawn from the whole training set and relabel them to the
-    target; clean-label attacks (``clean_label = True``) draw only from the target class.
+    Subclasses implement :meth:`apply`; attacks that learn their trigger override :meth:`fit`
+    and set ``needs_fit = True``. Dirty-label attacks poison samples drawn from the whole training
+    set (``pool="all"``) or from the non-target classes, and relabel them to the target;
+    clean-label attacks (``clean_label = True``) draw only from the target class.
     """
 
     clean_label = False
+    needs_fit = False
 
     def settings(self) -> dict:
         """The constructor settings, for configs and reports."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def fit(self, train: ImageSet, **kwargs) -> "Attack":
+    def fit(self, train: ImageSet, *, seed: int = 0, device: str | torch.device = "cpu") -> "Attack":
+        """Learn what the trigger needs from the (clean) training set; returns self."""
         return self
+
+    # -- fitted state --------------------------------------------------------------------------
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """What :meth:`fit` learned: every tensor attribute whose name ends in ``_``.
+
+        Attacks holding a helper ``nn.Module`` override this (and :meth:`load_fitted_state`),
+        for example with ``{"generator." + k: v for k, v in self.generator_.state_dict().items()}``.
+        """
+        return {name: value for name, value in vars(self).items()
+                if name.endswith("_") and not name.startswith("_")
+                and isinstance(value, torch.Tensor)}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "Attack":
+        """Restore what :meth:`fit` learned (from :meth:`fitted_state`); returns self."""
+        for name, value in state.items():
+            if not name.endswith("_"):
+                raise ValueError(f"{type(self).__name__}: unexpected fitted-state entry {name!r}")
+            setattr(self, name, value)
+        return self
+
+    @property
+    def is_fitted(self) -> bool:
+        return not self.needs_fit or bool(self.fitted_state())
+
+    def check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"{type(self).__name__} learns its trigger: call fit(train) "
+                                 "first, or load_fitted_state() with the state saved by the run")
+
+    # -- the trigger ---------------------------------------------------------------------------
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """Add the trigger to a uint8 batch (N, C, H, W); returns a new uint8 tensor."""
         raise NotImplementedError
 
-    def poison(self, train: ImageSet, ratio: float, target: int, seed: int) -> PoisonedSet:
+    def training_hooks(self, target: int, seed: int) -> list:
+        """Hooks (eigenguard.train.TrainHook) that edit the victim's training batches, for
+        attacks that control training; none for data-poisoning attacks."""
+        return []
+
+    # -- poisoning -----------------------------------------------------------------------------
+
+    def eligible(self, train: ImageSet, target: int, pool: str = "all") -> torch.Tensor:
+        """Indices the attack may poison."""
+        if pool not in POISON_POOLS:
+            raise ValueError(f"poison pool must be one of {POISON_POOLS}, got {pool!r}")
+        if self.clean_label:
+            return (train.labels == target).nonzero().flatten()
+        if pool == "non-target":
+            return (train.labels != target).nonzero().flatten()
+        return torch.arange(len(train))
+
+    def poison(self, train: ImageSet, ratio: float, target: int, seed: int,
+               pool: str = "all") -> PoisonedSet:
+        """Poison ``round(ratio · len(train))`` samples drawn with ``seed`` from the eligible
+        pool: the trigger is added and the label set to ``target``."""
         check_poison_args(train, ratio, target)
-        pool = (train.labels == target).nonzero().flatten() if self.clean_label \
-            else torch.arange(len(train))
+        self.check_fitted()
+        eligible = self.eligible(train, target, pool)
         count = int(round(ratio * len(train)))
-        if count > len(pool):
-            raise ValueError(f"cannot poison {count} samples: only {len(pool)} are eligible")
+        if count > len(eligible):
+            largest = len(eligible) / max(len(train), 1)
+            what = ("target-class samples (a clean-label attack poisons the target class only)"
+                    if self.clean_label else f"eligible samples (pool {pool!r})")
+            raise ValueError(f"cannot poison {count} samples ({ratio:g} of {len(train)}): only "
+                             f"{len(eligible)} {what}; the largest possible poison ratio here is "
+                             f"{largest:.4f}")
         generator = torch.Generator().manual_seed(seed)
-        chosen = pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
+        chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
         images = train.images.clone()
         labels = train.labels.clone()
         if count:

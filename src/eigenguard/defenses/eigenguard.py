@@ -1,10 +1,16 @@
-"""EigenGuard as a defense: insert the layer, then train end to end on the poisoned set as usual."""
+"""EigenGuard as a defense: insert the layer, then train end to end on the poisoned set as usual.
+
+Its models depend on the composition of their test batches, so it declares every evaluation
+protocol (triggered, mixed, single, and running once the layer has running statistics) and says
+which layer mode each protocol evaluates.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import guarded_eval
 from ..layer import EigenGuard, guard
-from .base import Defense, DefenseContext
+from .base import Defense, DefenseContext, DefenseResult
 from .registry import register_defense
 
 
@@ -25,6 +31,8 @@ class EigenGuardDefense(Defense):
     sketch_rank: int | None = None
     method: str = "gram"
 
+    protocols = tuple(guarded_eval.PROTOCOL_MODES)
+
     def __post_init__(self):
         self.layer_settings()  # validate now, not after the data set has loaded
 
@@ -36,11 +44,28 @@ class EigenGuardDefense(Defense):
         EigenGuard(**settings)
         return settings
 
+    def label(self) -> str:
+        return (f"eigenguard(k={self.k}, after={self.after}, tail={self.tail_scale}, "
+                f"scale={self.scale}, eval={self.eval_mode}, stats_every={self.stats_every})")
+
     def prepare_model(self, model):
         guard(model, after=self.after, **self.layer_settings())
         return model
 
-    def defend(self, context: DefenseContext):
+    def protocols_for(self, model):
+        return guarded_eval.protocols_for(model)
+
+    def evaluation_mode(self, model, protocol):
+        return guarded_eval.guards_in_mode(model, guarded_eval.PROTOCOL_MODES[protocol])
+
+    def batch_independent(self, model, protocol):
+        return guarded_eval.PROTOCOL_MODES[protocol] != "batch"
+
+    def mixed_logits(self, model, test, triggered, *, seed, device, progress):
+        return guarded_eval.mixed_logits(model, test, triggered, seed=seed, device=device,
+                                         progress=progress)
+
+    def defend(self, context: DefenseContext) -> DefenseResult:
         model = self.prepare_model(context.build_model())
-        context.train_model(model, context.poisoned.data)
-        return model
+        context.train_model(model, context.train_set)
+        return DefenseResult(model)

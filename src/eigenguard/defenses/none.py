@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Defense, DefenseContext
+from .base import Defense, DefenseContext, DefenseResult
 from .registry import register_defense
 
 
 @register_defense("none")
 @dataclass
 class NoDefense(Defense):
-    def defend(self, context: DefenseContext):
+    def defend(self, context: DefenseContext) -> DefenseResult:
         model = context.build_model()
-        context.train_model(model, context.poisoned.data)
-        return model
+        context.train_model(model, context.train_set)
+        return DefenseResult(model)
