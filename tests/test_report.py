@@ -105,3 +105,19 @@ def test_runs_with_metrics_are_reported(tmp_path, status, shown):
         store.complete("k", token, status=status, history=[], metrics=metrics, wall_seconds=1,
                        checkpoint=None, attack_state=None)
     assert bool(result_rows(store)) == shown
+
+
+def test_the_validation_split_is_reported_apart(tmp_path):
+    store = ResultStore(tmp_path / "s.sqlite")
+    _stored_run(store, "none0", 0, "none", [("triggered", 0.9, 1.0)])
+    token = _claim(store, "eg0", {**store.get_run("none0").config, "defense": "eigenguard",
+                                  "defense_settings": {"k": 4}}, setup_key="setup-0")
+    metrics = [dict(split=split, protocol="triggered", metric=name, value=value)
+               for split, acc, asr in (("test", 0.8, 0.2), ("validation", 0.7, 0.4))
+               for name, value in (("acc", acc), ("asr", asr), ("ra", 0.0), ("batch_size", 128))]
+    store.complete("eg0", token, status="finished", history=[], metrics=metrics,
+                   wall_seconds=1.0, checkpoint=None, attack_state=None)
+    test = {row[0]: row[11:] for row in result_rows(store)}
+    assert test["eg0"] == ("80.00", "20.00", "0.00", "85.00")
+    validation = {row[0]: row[11:] for row in result_rows(store, split="validation")}
+    assert validation == {"eg0": ("70.00", "40.00", "0.00", "-")}  # no validation reference

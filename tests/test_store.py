@@ -86,6 +86,15 @@ def test_a_live_claim_is_busy_and_a_dead_one_is_taken_over(tmp_path):
     assert store.claim("abc", "s1", {}, {}, None, "cpu").state == "claimed"
 
 
+def test_a_live_pid_with_a_stopped_heartbeat_is_stale(tmp_path):
+    """A pid reused by another process (after a restart) does not keep a dead run busy."""
+    store = ResultStore(tmp_path / "r.sqlite", stale_after=60)
+    claimed(store)
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET heartbeat = heartbeat - 61 WHERE key = 'abc'")
+    assert store.claim("abc", "s1", {}, {}, None, "cpu").state == "claimed"
+
+
 def test_another_hosts_claim_is_stale_after_its_heartbeat_stops(tmp_path):
     store = ResultStore(tmp_path / "r.sqlite", stale_after=60)
     token = claimed(store)

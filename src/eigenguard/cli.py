@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sqlite3
 import sys
 
 import torch
@@ -19,8 +20,8 @@ from .evaluate import PROTOCOLS
 from .experiment import PRESETS, RunConfig, reevaluate, run
 from .settings import coerce, declared_types, parse_assignment
 from .models import list_models
-from .report import (SUMMARY_COLUMNS, WIDE_COLUMNS, format_table, result_rows, select_runs,
-                     summary_rows, wide_rows)
+from .report import (COLUMNS, SUMMARY_COLUMNS, WIDE_COLUMNS, format_table, result_rows,
+                     select_runs, summary_rows, wide_rows)
 from .store import ResultStore, default_store_path
 from .train import SCHEDULES, TrainConfig
 
@@ -181,11 +182,12 @@ def cmd_report(args) -> int:
         print("no stored run matches " + " and ".join(prefixes + args.where))
         return 1
     if args.wide:
-        print(format_table(wide_rows(store, runs), WIDE_COLUMNS, markdown=args.markdown))
+        rows, columns = wide_rows(store, runs, args.split), WIDE_COLUMNS
     elif args.over_seeds:
-        print(format_table(summary_rows(store, runs), SUMMARY_COLUMNS, markdown=args.markdown))
+        rows, columns = summary_rows(store, runs, args.split), SUMMARY_COLUMNS
     else:
-        print(format_table(result_rows(store, runs), markdown=args.markdown))
+        rows, columns = result_rows(store, runs, args.split), COLUMNS
+    print(format_table(rows, columns, markdown=args.markdown))
     return 0
 
 
@@ -223,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order the runs by this config value, e.g. defense_settings.k (repeat: "
                         "the first one decides first; default: the order they started)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="the split whose metrics are shown: test (reported results, the "
+                        "default) or validation (the tuning set)")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--wide", action="store_true",
                       help="one row per run, ACC / ASR of every protocol side by side")
@@ -246,7 +251,8 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (EigenGuardError, ValueError, TypeError, FileNotFoundError) as error:
+    except (EigenGuardError, ValueError, TypeError, FileNotFoundError,
+            sqlite3.DatabaseError) as error:
         if os.environ.get("EIGENGUARD_DEBUG"):
             raise
         print(f"eigenguard: error: {error}", file=sys.stderr)

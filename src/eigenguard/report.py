@@ -128,14 +128,14 @@ def _setup_key(run: StoredRun) -> str:
     return run.setup_key or _config_without(run.config, "defense", "defense_settings")
 
 
-def _read(store: ResultStore, runs: list[StoredRun] | None):
+def _read(store: ResultStore, runs: list[StoredRun] | None, split: str = "test"):
     """The finished runs among ``runs`` (all, in start order, when None), every run's evaluations
     by run key, and the undefended references of DER: (ACC, ASR) of each finished undefended run
     by its setup (:func:`_setup_key`). Two queries, whatever the number of runs."""
     finished = _finished_runs(store, None)
     runs = finished if runs is None else _finished_runs(store, runs)
     evaluations_of: dict[str, list[dict]] = {}
-    for evaluation in store.evaluations():  # the test split
+    for evaluation in store.evaluations(split=split):
         evaluations_of.setdefault(evaluation["run_key"], []).append(evaluation)
     undefended = {}
     for run in finished:
@@ -158,11 +158,12 @@ def _der_cell(run: StoredRun, acc: float, asr: float, undefended: dict) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def result_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
+def result_rows(store: ResultStore, runs: list[StoredRun] | None = None,
+                split: str = "test") -> list[tuple]:
     """One row per (finished run, evaluation protocol); all finished runs in start order when
     ``runs`` is None. DER is against the undefended run of the same setup, where one is stored."""
     rows = []
-    runs, evaluations_of, undefended = _read(store, runs)
+    runs, evaluations_of, undefended = _read(store, runs, split)
     for run in runs:
         evaluations = sorted(evaluations_of.get(run.key, []),
                              key=lambda e: (PROTOCOLS.index(e["protocol"]), e["seed"]))
@@ -172,10 +173,11 @@ def result_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list
     return rows
 
 
-def wide_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
+def wide_rows(store: ResultStore, runs: list[StoredRun] | None = None,
+              split: str = "test") -> list[tuple]:
     """One row per finished run, ACC / ASR (%) of every protocol side by side (WIDE_COLUMNS)."""
     rows = []
-    runs, evaluations_of, _ = _read(store, runs)
+    runs, evaluations_of, _ = _read(store, runs, split)
     for run in runs:
         found = {e["protocol"]: e for e in evaluations_of.get(run.key, []) if e["seed"] == 0}
         cells = [f"{100 * found[p]['acc']:.2f} / {100 * found[p]['asr']:.2f}" if p in found
@@ -184,11 +186,12 @@ def wide_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[t
     return rows
 
 
-def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None) -> list[tuple]:
+def summary_rows(store: ResultStore, runs: list[StoredRun] | None = None,
+                 split: str = "test") -> list[tuple]:
     """One row per setup over its seeds (runs whose configs differ only in the seed), in the order
     of each setup's first run: mean ACC / ASR (%), the ASR's range over the seeds and the mean DER
     (%), per protocol (SUMMARY_COLUMNS)."""
-    runs, evaluations_of, undefended = _read(store, runs)
+    runs, evaluations_of, undefended = _read(store, runs, split)
     groups: dict[str, list[StoredRun]] = {}
     for run in runs:
         groups.setdefault(_config_without(run.config, "seed"), []).append(run)

@@ -297,9 +297,12 @@ class ResultStore:
         return Claim("claimed", token=token)
 
     def _is_live(self, run: StoredRun) -> bool:
+        """A claim is live while its heartbeat is fresh and, on this host, its process exists
+        (a dead process is noticed at once; a reused pid by its stopped heartbeat)."""
+        fresh = run.heartbeat is not None and _epoch() - run.heartbeat < self.stale_after
         if run.host == socket.gethostname() and run.pid is not None:
-            return _process_alive(run.pid)
-        return run.heartbeat is not None and _epoch() - run.heartbeat < self.stale_after
+            return fresh and _process_alive(run.pid)
+        return fresh
 
     def beat(self, key: str, token: str) -> None:
         """Refresh the claim's heartbeat; raises ClaimLostError if another process took it."""
