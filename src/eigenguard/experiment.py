@@ -38,7 +38,7 @@ from .evaluate import check_protocol, detection_metrics, evaluate
 from .models.registry import create_model, get_model_factory
 from .seeding import stream_seed
 from .splits import LoadedData, Splits, check_fractions, load_data, make_splits
-from .store import ResultStore, StoredRun
+from .store import ResultStore, StoredRun, gather_evaluations
 from .train import Augmentation, EpochEndHook, TrainConfig, train
 
 #: bump when a change to the code makes old results incomparable (2: validation split, clean
@@ -197,23 +197,7 @@ class RunResult:
     @property
     def evaluations(self) -> list[dict]:
         """Test-split metrics gathered per (protocol, eval seed), as the store returns them."""
-        return evaluations_from_metrics(self.metrics, self.key)
-
-
-def evaluations_from_metrics(metrics: list[dict], key: str, split: str = "test") -> list[dict]:
-    gathered: dict[tuple, dict] = {}
-    for row in metrics:
-        if row.get("split", "test") != split or row["protocol"] in ("detection", "cost"):
-            continue
-        ident = (row["protocol"], row.get("eval_seed", 0))
-        entry = gathered.setdefault(ident, {"run_key": key, "protocol": ident[0],
-                                            "seed": ident[1]})
-        entry[row["metric"]] = row["value"]
-    for entry in gathered.values():
-        for count in ("batch_size", "n_clean", "n_triggered"):
-            if count in entry:
-                entry[count] = int(entry[count])
-    return list(gathered.values())
+        return gather_evaluations([{**row, "run_key": self.key} for row in self.metrics])
 
 
 def library_versions() -> dict:

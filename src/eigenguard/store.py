@@ -428,21 +428,9 @@ class ResultStore:
         return [dict(row) for row in rows]
 
     def evaluations(self, key: str | None = None, split: str = "test") -> list[dict]:
-        """The metrics of each (run, protocol, eval seed) of one split gathered in one dict:
-        ``{"run_key", "protocol", "seed", "acc", "asr", "ra", "batch_size", ...}``."""
-        gathered: dict[tuple, dict] = {}
-        for row in self.metrics(key):
-            if row["split"] != split:
-                continue
-            ident = (row["run_key"], row["protocol"], row["eval_seed"])
-            entry = gathered.setdefault(ident, {"run_key": ident[0], "protocol": ident[1],
-                                                "seed": ident[2]})
-            entry[row["metric"]] = row["value"]
-        for entry in gathered.values():
-            for count in ("batch_size", "n_clean", "n_triggered"):
-                if count in entry:
-                    entry[count] = int(entry[count])
-        return list(gathered.values())
+        """The metrics of each (run, protocol, eval seed) of one split gathered in one dict
+        (:func:`gather_evaluations`)."""
+        return gather_evaluations(self.metrics(key), split)
 
     @staticmethod
     def _to_run(row: sqlite3.Row) -> StoredRun:
@@ -454,3 +442,25 @@ class ResultStore:
                          load(row["history"], []), load(row["versions"], {}), row["git_commit"],
                          row["device"], row["checkpoint"], row["attack_state"], row["error"],
                          load(row["extra"], {}), row["host"], row["pid"], row["heartbeat"])
+
+
+#: protocols of metric rows that are not evaluations of a test or validation split
+NON_EVALUATION_PROTOCOLS = ("detection", "cost")
+
+
+def gather_evaluations(metrics: list[dict], split: str = "test") -> list[dict]:
+    """Long-format metric rows of one split gathered per (run, protocol, eval seed):
+    ``{"run_key", "protocol", "seed", "acc", "asr", "ra", "batch_size", ...}``."""
+    gathered: dict[tuple, dict] = {}
+    for row in metrics:
+        if row.get("split", "test") != split or row["protocol"] in NON_EVALUATION_PROTOCOLS:
+            continue
+        ident = (row.get("run_key"), row["protocol"], row.get("eval_seed", 0))
+        entry = gathered.setdefault(ident, {"run_key": ident[0], "protocol": ident[1],
+                                            "seed": ident[2]})
+        entry[row["metric"]] = row["value"]
+    for entry in gathered.values():
+        for count in ("batch_size", "n_clean", "n_triggered"):
+            if count in entry:
+                entry[count] = int(entry[count])
+    return list(gathered.values())
