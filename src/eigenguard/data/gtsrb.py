@@ -32,7 +32,8 @@ _HINT = (
     "download GTSRB_Final_Training_Images.zip, GTSRB_Final_Test_Images.zip and "
     "GTSRB_Final_Test_GT.zip from "
     "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/published-archive.html "
-    "and unpack them there, or pass root="
+    "and unpack them there, or pass --data-root DIR (root= in Python) naming the folder that "
+    "holds them"
 )
 _SUBDIR = {"train": Path("Final_Training", "Images"), "test": Path("Final_Test", "Images")}
 

