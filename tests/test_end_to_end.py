@@ -18,19 +18,26 @@ pytestmark = [
 
 def test_badnets_without_and_with_eigenguard_on_fashion_mnist(tmp_path, capsys):
     store = tmp_path / "results.sqlite"
-    common = ["--store", str(store), "--train-size", "10000", "--test-size", "1000",
-              "--epochs", "3", "--batch-size", "64", "--quiet"]
+    # 12,000 images: 10,200 for the victim after the validation split and the clean reserve
+    common = ["--store", str(store), "--train-size", "12000", "--test-size", "1000",
+              "--epochs", "4", "--batch-size", "64", "--quiet"]
     assert main(["run", "--defense", "none", *common]) == 0
     assert main(["run", "--defense", "eigenguard", *common]) == 0
     runs = {r.config["defense"]: r for r in ResultStore(store).find_runs()}
     assert set(runs) == {"none", "eigenguard"}
     (undefended,) = ResultStore(store).evaluations(runs["none"].key)
     assert ResultStore(store).evaluations(runs["none"].key, split="validation")  # for tuning
-    # calibration: on real data the default model learns the task and the backdoor
-    assert undefended["acc"] > 0.75 and undefended["asr"] > 0.9
-    guarded = ResultStore(store).evaluations(runs["eigenguard"].key)
-    assert sorted(e["protocol"] for e in guarded) == ["mixed", "running", "single", "triggered"]
-    assert all(0 <= e[m] <= 1 for e in guarded for m in ("acc", "asr", "ra"))
+    # calibration: on real data the default model learns the task and the backdoor (measured
+    # on the 2-core CPU: ACC 82.80, ASR 92.32)
+    assert undefended["acc"] > 0.75 and undefended["asr"] > 0.8
+    guarded = {e["protocol"]: e for e in ResultStore(store).evaluations(runs["eigenguard"].key)}
+    assert sorted(guarded) == ["mixed", "running", "single", "triggered"]
+    assert all(0 <= e[m] <= 1 for e in guarded.values() for m in ("acc", "asr", "ra"))
+    # EigenGuard at its defaults, each image filtered alone: measured ACC 78.00, ASR 5.35
+    assert guarded["running"]["asr"] < 0.25 and guarded["running"]["acc"] > 0.7
+    # ... while each triggered image alone through the per-batch filter (the identity) obeys
+    # the trigger: it is the running subspace that removes the backdoor (measured 82.18)
+    assert guarded["single"]["asr"] > 0.5
     capsys.readouterr()
     start = time.monotonic()
     assert main(["run", "--defense", "eigenguard", *common]) == 0  # stored: no retraining
