@@ -43,16 +43,13 @@ def _add_common(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _defense_shortcuts() -> dict[str, tuple[str, object, object]]:
+def _defense_shortcuts() -> dict[str, dict[str, object]]:
     """``--NAME`` flags generated from the registered defenses' declared settings:
-    flag dest -> (setting name, type, defaults by defense)."""
-    shortcuts: dict[str, tuple[str, object, dict]] = {}
+    setting name -> {defense: its default}."""
+    shortcuts: dict[str, dict[str, object]] = {}
     for name in list_defenses():
-        cls = get_defense(name)
-        for field in dataclasses.fields(cls):
-            types_ = declared_types(cls)
-            entry = shortcuts.setdefault(field.name, (field.name, types_[field.name], {}))
-            entry[2][name] = field.default
+        for field in dataclasses.fields(get_defense(name)):
+            shortcuts.setdefault(field.name, {})[name] = field.default
     return shortcuts
 
 
@@ -94,7 +91,7 @@ def _add_run_arguments(parser):
                         help="remove the stored run (metrics, checkpoint) and run it again")
     shortcuts = parser.add_argument_group(
         "defense settings", "shortcuts for --set defense.NAME=VALUE, one per declared setting")
-    for name, (_, kind, by_defense) in _defense_shortcuts().items():
+    for name, by_defense in _defense_shortcuts().items():
         if "--" + name.replace("_", "-") in parser._option_string_actions:
             continue  # a run flag of that name exists: use --set defense.NAME=VALUE
         owners = ", ".join(f"{d} {v!r}" for d, v in by_defense.items())
@@ -116,7 +113,7 @@ def config_from_args(args) -> RunConfig:
                 "train": TrainConfig}
     shortcuts = _defense_shortcuts()
     defense_fields = declared_types(sections["defense"])
-    for name, (_, _, by_defense) in shortcuts.items():
+    for name, by_defense in shortcuts.items():
         text = getattr(args, "defense_" + name, None)
         if text is None:
             continue
