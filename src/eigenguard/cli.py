@@ -1,4 +1,4 @@
-"""Command line: ``eigenguard run | evaluate | report | list``."""
+"""Command line: ``eigenguard run | sweep | evaluate | report | export | import | list``."""
 from __future__ import annotations
 
 import argparse
@@ -155,6 +155,27 @@ def cmd_run(args) -> int:
     return 0 if result.status == "finished" else 1
 
 
+def cmd_sweep(args) -> int:
+    from .grid import load_grid
+    from .sweep import dry_run_lines, plan, sweep
+
+    grid = load_grid(args.grid)
+    store = ResultStore(args.store)
+    if args.dry_run:
+        planned, _ = plan(grid, store, data_root=args.data_root, retry_failed=args.retry_failed)
+        print("\n".join(dry_run_lines(grid, planned)))
+        return 0
+    executor = None
+    if args.executor == "ray":
+        from .sweep_ray import RayExecutor
+        executor = RayExecutor(address=args.address, cpus_per_run=args.cpus_per_run,
+                               gpus_per_run=args.gpus_per_run)
+    summary = sweep(grid, store, executor=executor, data_root=args.data_root,
+                    device=_device(args.device), retry_failed=args.retry_failed,
+                    progress=not args.quiet)
+    return 1 if summary.failed else 0
+
+
 def cmd_evaluate(args) -> int:
     store = ResultStore(args.store, create=False)
     matches = [r for r in store.find_runs(args.run)
@@ -171,7 +192,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    store = ResultStore(args.store, create=False)
+    from .transfer import open_results
+
+    store = open_results(args.store or default_store_path())
     selected = args.run or args.where or args.sort
     runs = select_runs(store, args.run, args.where, args.sort) if selected else None
     if runs == []:
@@ -185,6 +208,40 @@ def cmd_report(args) -> int:
     else:
         rows, columns = result_rows(store, runs, args.split), COLUMNS
     print(format_table(rows, columns, markdown=args.markdown))
+    return 0
+
+
+def grid_runs(store: ResultStore, grid_path: str, data_root=None) -> list:
+    """The stored runs of a grid file, in the grid's order."""
+    from .grid import load_grid
+    from .sweep import plan
+
+    planned, _ = plan(load_grid(grid_path), store, data_root=data_root)
+    return [item.stored for item in planned if item.stored is not None]
+
+
+def cmd_export(args) -> int:
+    from .transfer import export_runs
+
+    store = ResultStore(args.store, create=False)
+    runs = None
+    if args.grid:
+        runs = grid_runs(store, args.grid, args.data_root)
+    if args.run or args.where:
+        chosen = select_runs(store, args.run, args.where)
+        runs = chosen if runs is None else [r for r in runs if r.key in {c.key for c in chosen}]
+    count = export_runs(store, args.output, runs)
+    print(f"exported {count} runs from {store.path} to {args.output} (metrics and histories; "
+          "checkpoints stay in the store)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .transfer import import_runs
+
+    store = ResultStore(args.store)
+    summary = import_runs(store, args.files, replace=args.replace)
+    print(f"{store.path}: {summary.describe()}")
     return 0
 
 
@@ -205,6 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p)
     _add_common(p)
     p.set_defaults(handler=cmd_run)
+    p = commands.add_parser("sweep", help="run a grid of runs from a YAML file (resumable)")
+    p.add_argument("grid", help="the grid file (ready ones: benchmarks/grids/*.yaml)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs, which are stored already, and the estimated compute")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run failed runs again (re-evaluate those whose evaluation failed)")
+    p.add_argument("--executor", choices=("in-process", "ray"), default="in-process",
+                   help="in-process (default) or ray: each run a Ray task; only this process "
+                        "writes the store")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--cpus-per-run", type=float, default=1, help="Ray CPUs per run (default 1)")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs per run (default 0)")
+    _add_common(p)
+    p.set_defaults(handler=cmd_sweep)
     p = commands.add_parser("evaluate", help="evaluate a stored run's checkpoint again")
     p.add_argument("--run", required=True, help="run key or a unique prefix of it (a finished "
                    "run, or one whose evaluation failed)")
@@ -231,8 +303,25 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--over-seeds", action="store_true",
                       help="one row per setup over its seeds: mean ACC / ASR, the ASR's range "
                            "and the mean DER of every protocol")
-    p.add_argument("--store", default=None)
+    p.add_argument("--store", default=None, help="a result store, or JSON Lines results "
+                   "(a .jsonl file or a folder of them, e.g. results/) read without retraining")
     p.set_defaults(handler=cmd_report)
+    p = commands.add_parser("export", help="write stored runs and their metrics as JSON Lines")
+    p.add_argument("output", help="the .jsonl file to write (replaced atomically)")
+    p.add_argument("--grid", help="only the runs of this grid file")
+    p.add_argument("--run", action="append", default=[], help="only runs with this key prefix")
+    p.add_argument("--where", action="append", default=[], metavar="PATH=VALUE",
+                   help="only runs whose config has this value (as in report)")
+    p.add_argument("--data-root", default=None, help="with --grid: the data set's folder")
+    p.add_argument("--store", default=None)
+    p.set_defaults(handler=cmd_export)
+    p = commands.add_parser("import", help="add runs from JSON Lines files to a store")
+    p.add_argument("files", nargs="+", help=".jsonl files written by `eigenguard export`")
+    p.add_argument("--replace", action="store_true",
+                   help="replace stored runs that differ (default: keep them; a stored run "
+                        "that is not finished is always replaced by a finished one)")
+    p.add_argument("--store", default=None)
+    p.set_defaults(handler=cmd_import)
     p = commands.add_parser("list", help="data sets, models, attacks, defenses, protocols")
     p.set_defaults(handler=cmd_list)
     return parser

@@ -264,12 +264,14 @@ def evaluate_model(config: RunConfig, model: nn.Module, attack, splits: Splits, 
 
 def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=None,
             device: str = "cpu", progress: bool = True, log=print, on_epoch=None,
-            backdoored_state: dict[str, torch.Tensor] | None = None) -> RunResult:
+            backdoored_state: dict[str, torch.Tensor] | None = None,
+            protocols=None) -> RunResult:
     """Run one config without touching any store.
 
     ``on_epoch(history)`` is called after every training epoch (the driver records progress with
     it). A post-training defense repairs ``backdoored_state`` (the undefended model of the same
-    setup) when given, and trains that model here first when not.
+    setup) when given, and trains that model here first when not. ``protocols``: the evaluation
+    protocols to run (default: every one the defense declares for the model).
     """
     config.validate()
     attack, defense = config.build_attack(), config.build_defense()
@@ -332,8 +334,8 @@ def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=No
     stages["defend"] = time.monotonic() - clock
     model = outcome.model
     clock = time.monotonic()
-    metrics, errors = evaluate_model(config, model, attack, splits, device=device,
-                                     progress=progress, log=log)
+    metrics, errors = evaluate_model(config, model, attack, splits, protocols=protocols,
+                                     device=device, progress=progress, log=log)
     stages["evaluate"] = time.monotonic() - clock
     if outcome.flagged is not None:
         metrics += detection_metrics(outcome.flagged, poisoned.is_poisoned)
@@ -376,7 +378,7 @@ def stored_result(store: ResultStore, run: StoredRun, config: RunConfig) -> RunR
 
 def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root=None,
         force: bool = False, progress: bool = True, log=print, poll_seconds: float = 5.0,
-        loaded: LoadedData | None = None) -> RunResult:
+        loaded: LoadedData | None = None, protocols=None) -> RunResult:
     """Run one config and record it, or return its stored result if it has finished before.
 
     The key is claimed first: if another live process holds it, this one waits for its result
@@ -409,7 +411,7 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
                 backdoored_state = load_checkpoint(store, store.get_run(reference.key))
             result = execute(config, loaded=loaded, device=device, progress=progress, log=log,
                              on_epoch=lambda history: store.update_history(key, token, history),
-                             backdoored_state=backdoored_state)
+                             backdoored_state=backdoored_state, protocols=protocols)
             return record(store, result, token)
     except BaseException as error:  # an interrupted run is marked; finished ones stay
         store.fail(key, token, f"{type(error).__name__}: {error}")

@@ -397,6 +397,74 @@ class ResultStore:
             if path is not None:
                 path.unlink(missing_ok=True)
 
+    def merge_runs(self, runs: list[dict], replace: bool = False) -> list[tuple[str, str, str | None]]:
+        """Insert runs given as plain dicts, all in one transaction (all or nothing).
+
+        Each dict holds the fields of :class:`StoredRun` except ``checkpoint`` and
+        ``attack_state`` (absent ones are NULL; JSON fields as Python objects), plus
+        ``"metrics"``: rows with split, protocol, metric, eval_seed, value and created. The run
+        is stored without files: its checkpoint and attack state are NULL.
+
+        Per run: a key not stored yet is *added*; a stored run with the same config, status and
+        metric values (``created`` aside) is left *unchanged*; a different stored run is
+        *kept* as it is, unless ``replace`` or unless it is not finished and the incoming one
+        is, and then it is *replaced* (its rows, metrics and files are removed first, as
+        ``--force`` does). Returns ``(key, outcome, previous status or None)`` per run.
+        """
+        outcomes: list[tuple[str, str, str | None]] = []
+        replaced: list[StoredRun] = []
+        with self._exclusive() as db:
+            for run in runs:
+                key = run["key"]
+                row = db.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
+                stored = self._to_run(row) if row is not None else None
+                if stored is not None:
+                    if self._same_run(db, stored, run):
+                        outcomes.append((key, "unchanged", stored.status))
+                        continue
+                    if not (replace or (stored.status != "finished"
+                                        and run["status"] == "finished")):
+                        outcomes.append((key, "kept", stored.status))
+                        continue
+                    self._delete_rows(db, key)
+                    replaced.append(stored)
+                self._insert_run_row(db, run)
+                outcomes.append((key, "added" if stored is None else "replaced",
+                                 stored.status if stored is not None else None))
+        for stored in replaced:  # only once the transaction is committed
+            self._delete_files(stored)
+        return outcomes
+
+    @staticmethod
+    def _metric_values(rows) -> set[tuple]:
+        return {(m["split"], m["protocol"], m["metric"], int(m["eval_seed"]), float(m["value"]))
+                for m in rows}
+
+    def _same_run(self, db, stored: StoredRun, run: dict) -> bool:
+        if stored.config != run["config"] or stored.status != run["status"]:
+            return False
+        rows = db.execute("SELECT * FROM metrics WHERE run_key = ?", (stored.key,)).fetchall()
+        return self._metric_values(rows) == self._metric_values(run.get("metrics", []))
+
+    @staticmethod
+    def _insert_run_row(db, run: dict) -> None:
+        def dump(name, empty):
+            value = run.get(name)
+            return json.dumps(empty if value is None else value)
+
+        db.execute("INSERT INTO runs (key, setup_key, config, status, started, finished, "
+                   "heartbeat, host, pid, token, wall_seconds, history, versions, git_commit, "
+                   "device, checkpoint, attack_state, error, extra) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+                   (run["key"], run.get("setup_key"), json.dumps(run["config"], sort_keys=True),
+                    run["status"], run["started"], run.get("finished"), run.get("heartbeat"),
+                    run.get("host"), run.get("pid"), run.get("wall_seconds"),
+                    dump("history", []), dump("versions", {}), run.get("git_commit"),
+                    run.get("device"), run.get("error"), dump("extra", {})))
+        db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [(run["key"], m["split"], m["protocol"], m["metric"], int(m["eval_seed"]),
+                         float(m["value"]), m["created"]) for m in run.get("metrics", [])])
+
     # -- reading -------------------------------------------------------------------------------
 
     def get_run(self, key: str) -> StoredRun | None:
