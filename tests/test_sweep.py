@@ -95,6 +95,26 @@ def test_a_sweep_runs_what_is_missing_and_a_second_sweep_runs_nothing(tmp_path, 
     assert "8 stored" in listing[-2]
 
 
+def test_a_grid_is_exported_and_reported_from_its_json_lines(tmp_path, synthetic_root, capsys):
+    store_path = tmp_path / "r.sqlite"
+    common = ["--grid", str(TINY), "--data-root", str(synthetic_root)]
+    grid = tiny(seeds=[0])
+    sweep(grid, ResultStore(store_path), data_root=synthetic_root, progress=False,
+          log=lambda *_: None)
+    results = tmp_path / "results" / "tiny.jsonl"
+    assert main(["export", str(results), "--store", str(store_path), *common]) == 0
+    assert "exported 4 runs" in capsys.readouterr().out  # seed 1 is not stored
+    html = tmp_path / "tiny.html"
+    assert main(["report", "--store", str(results), *common, "--source-layout",
+                 "--html", str(html), "--figures", str(tmp_path / "figures")]) == 0
+    out = capsys.readouterr().out
+    assert "badnets†" in out and "blended†" not in out and "[running]" in out
+    page = html.read_text()
+    assert page.count("<img") >= 3 and "badnets" in page
+    assert sorted(p.name for p in (tmp_path / "figures").glob("*.png"))[:2] == [
+        "acc_vs_asr.png", "protocol_gap.png"]
+
+
 def test_grid_protocols_limit_the_evaluation(tmp_path, synthetic_root):
     store = ResultStore(tmp_path / "r.sqlite")
     grid = tiny(protocols=["running"], attacks=["badnets"], seeds=[0])

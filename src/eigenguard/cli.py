@@ -195,12 +195,41 @@ def cmd_report(args) -> int:
     from .transfer import open_results
 
     store = open_results(args.store or default_store_path())
+    tuning = list(args.tuning)
     selected = args.run or args.where or args.sort
     runs = select_runs(store, args.run, args.where, args.sort) if selected else None
+    if args.grid:
+        from .grid import load_grid
+
+        grid_keys = {r.key for r in grid_runs(store, args.grid, args.data_root)}
+        runs = [r for r in (runs if runs is not None else store.find_runs())
+                if r.key in grid_keys]
+        tuning += [a for a in load_grid(args.grid).tuning_attacks if a not in tuning]
     if runs == []:
         prefixes = [f"key prefix {' or '.join(map(repr, args.run))}"] if args.run else []
-        print("no stored run matches " + " and ".join(prefixes + args.where))
+        grid = [f"a run of the grid {args.grid} (its keys depend on the data: pass --data-root "
+                "if the runs used other files)"] if args.grid else []
+        print("no stored run matches " + " and ".join(prefixes + args.where + grid))
         return 1
+    if args.html or args.figures:
+        from .report_html import plot_files, write_html_report
+
+        if args.html:
+            path = write_html_report(store, runs, args.html, title=args.title,
+                                     command=["eigenguard", *sys.argv[1:]], split=args.split,
+                                     tuning_attacks=tuning, protocol=args.protocol)
+            print(f"wrote {path}", file=sys.stderr)
+        if args.figures:
+            for path in plot_files(store, runs, args.figures, split=args.split,
+                                   tuning_attacks=tuning, protocol=args.protocol):
+                print(f"wrote {path}", file=sys.stderr)
+    if args.source_layout:
+        from .report_tables import format_source_markdown, source_tables
+
+        print(format_source_markdown(source_tables(store, runs, split=args.split,
+                                                   tuning_attacks=tuning,
+                                                   protocol=args.protocol)))
+        return 0
     if args.wide:
         rows, columns = wide_rows(store, runs, args.split), WIDE_COLUMNS
     elif args.over_seeds:
@@ -303,6 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--over-seeds", action="store_true",
                       help="one row per setup over its seeds: mean ACC / ASR, the ASR's range "
                            "and the mean DER of every protocol")
+    view.add_argument("--source-layout", action="store_true",
+                      help="the source's tables (Markdown): per setting, rows attack x metric, "
+                           "columns defenses, mean ± std over seeds, DER, best marked")
+    p.add_argument("--grid", help="only the runs of this grid file; its tuning attacks are marked")
+    p.add_argument("--tuning", action="append", default=[], metavar="ATTACK",
+                   help="mark ATTACK as a tuning attack (repeatable)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="the protocol shown for batch-dependent defenses in the source layout "
+                        "(default: their batch-independent one, e.g. running)")
+    p.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page with "
+                   "the source tables and plots")
+    p.add_argument("--figures", metavar="FOLDER", help="also write the plots as PNG files")
+    p.add_argument("--title", default="EigenGuard benchmark report", help="the HTML page's title")
+    p.add_argument("--data-root", default=None, help="with --grid: the data set's folder")
     p.add_argument("--store", default=None, help="a result store, or JSON Lines results "
                    "(a .jsonl file or a folder of them, e.g. results/) read without retraining")
     p.set_defaults(handler=cmd_report)
