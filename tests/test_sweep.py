@@ -191,3 +191,20 @@ def test_cli_dry_run_lists_states_and_estimates(tmp_path, synthetic_root, capsys
     out = capsys.readouterr().out
     assert "4 stored, 4 pending" in out and "to run: 4; estimated compute: " in out
     assert "unknown" not in out
+
+
+def test_costs_come_from_runs_of_the_same_kind_else_scale_with_images_and_epochs():
+    from eigenguard.experiment import RunConfig
+    from eigenguard.store import StoredRun
+    from eigenguard.sweep import CostModel
+    from eigenguard.train import TrainConfig
+
+    measured = RunConfig(model="small_cnn", width=8, train_size=1000, train=TrainConfig(epochs=2))
+    stored = StoredRun("k", "s", measured.resolved(), "finished", "", None, 100.0, [], {}, None,
+                       None, None, None, None, {"split_sizes": {"train": 850}})
+    costs = CostModel([stored])
+    assert costs.estimate(measured.with_defense("eigenguard"), 60000) == 100.0
+    bigger = RunConfig(model="small_cnn", width=8, train_size=2000, train=TrainConfig(epochs=4))
+    # 100 s / (850 images x 2 epochs), times 4 epochs x 2000 x (1 - 0.1 - 0.05) images
+    assert costs.estimate(bigger, 60000) == pytest.approx(100 / 1700 * 4 * 1700)
+    assert costs.estimate(RunConfig(model="small_cnn", width=16), 60000) is None

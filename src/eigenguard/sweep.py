@@ -44,7 +44,8 @@ class PlannedRun:
 
     def describe(self) -> str:
         c = self.config
-        return (f"{c.dataset} {c.model}/{c.width} {c.attack} {c.poison_ratio:g} "
+        budget = f"{c.train_size or 'all'} images x {c.train.epochs} epochs"
+        return (f"{c.dataset} {c.model}/{c.width} {budget} {c.attack} {c.poison_ratio:g} "
                 f"{c.build_defense().label()} seed {c.seed}")
 
 
@@ -64,28 +65,48 @@ def _kind(config: RunConfig) -> tuple:
             config.train.batch_size)
 
 
+def _victim_images(config: RunConfig, available: int) -> float:
+    """About how many images the victim trains on: the subset minus validation and reserve."""
+    images = min(config.train_size or available, available)
+    return images * (1 - config.validation_fraction - config.reserve_fraction)
+
+
 class CostModel:
-    """Seconds a run is expected to take, from the wall time of finished runs of the same kind
-    (same data, model, width, training budget; the same defense where one was measured)."""
+    """Seconds a run is expected to take, from the wall time of finished runs: of the same kind
+    (same data, model, width, training budget; the same defense where one was measured), else
+    scaled from the seconds per training image and epoch of the same data, model and width."""
 
     def __init__(self, runs: list[StoredRun]):
         self.measured: dict[tuple, list[float]] = {}
+        self.rates: dict[tuple, list[float]] = {}
         for stored in runs:
             if stored.status == "finished" and stored.wall_seconds:
                 try:
                     config = RunConfig.from_dict(stored.config)
                 except (TypeError, ValueError):
                     continue
-                self.add(config, stored.wall_seconds)
+                images = (stored.extra.get("split_sizes") or {}).get("train")
+                self.add(config, stored.wall_seconds, images)
 
-    def add(self, config: RunConfig, seconds: float) -> None:
+    def add(self, config: RunConfig, seconds: float, images: int | None = None) -> None:
         for key in ((*_kind(config), config.defense), _kind(config)):
             self.measured.setdefault(key, []).append(seconds)
+        if images:
+            rate = seconds / (images * config.train.epochs)
+            for key in ((config.dataset, config.model, config.width, config.defense),
+                        (config.dataset, config.model, config.width)):
+                self.rates.setdefault(key, []).append(rate)
 
-    def estimate(self, config: RunConfig) -> float | None:
+    def estimate(self, config: RunConfig, available: int | None = None) -> float | None:
         for key in ((*_kind(config), config.defense), _kind(config)):
             if key in self.measured:
                 return statistics.mean(self.measured[key])
+        if available:
+            for key in ((config.dataset, config.model, config.width, config.defense),
+                        (config.dataset, config.model, config.width)):
+                if key in self.rates:
+                    return (statistics.mean(self.rates[key]) * config.train.epochs
+                            * _victim_images(config, available))
         return None
 
 
@@ -137,8 +158,9 @@ def plan(grid: Grid, store: ResultStore, *, data_root=None,
             state = "running" if store._is_live(stored) else "stale"
         else:
             state = stored.status if not retry_failed else "pending"
+        available = len(loaded[config.dataset].train)
         planned.append(PlannedRun(config, key, config.setup_key(fingerprint), state, stored,
-                                  costs.estimate(config), protocols))
+                                  costs.estimate(config, available), protocols))
     return planned, loaded
 
 
