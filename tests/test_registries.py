@@ -30,8 +30,9 @@ def test_attack_conformance(name):
     fresh = create_attack(name).load_fitted_state(attack.fitted_state())
     assert torch.equal(out, fresh.apply(data.images))
     assert not torch.equal(out, data.images)  # the trigger changes something
-    poisoned = attack.poison(data, 0.25, 3, seed=0)
-    assert len(poisoned.poison_indices) == 16
+    ratio = 0.0625 if attack.clean_label else 0.25  # a clean-label attack: the target class only
+    poisoned = attack.poison(data, ratio, 3, seed=0)
+    assert len(poisoned.poison_indices) == round(ratio * len(data))
     assert (poisoned.data.labels[poisoned.poison_indices] == 3).all()
     assert isinstance(attack.settings(), dict)
 
