@@ -1,4 +1,5 @@
-"""Command line: ``eigenguard run | sweep | evaluate | report | export | import | list``."""
+"""Command line: ``eigenguard run | sweep | evaluate | report | export | import | gallery |
+list``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import torch
 
 from . import __version__
 from .attacks import POISON_POOLS, list_attacks
+from .attacks.base import LABEL_MODES
 from .attacks.registry import ATTACKS
 from .data import list_datasets
 from .defenses import list_defenses
@@ -67,6 +69,11 @@ def _add_run_arguments(parser):
     parser.add_argument("--poison-pool", choices=POISON_POOLS, default=defaults.poison_pool,
                         help="where dirty-label attacks draw their samples: all (BackdoorBench; "
                              "about 1/C of them keep their label) or non-target")
+    parser.add_argument("--label-mode", choices=LABEL_MODES, default=defaults.label_mode,
+                        help="all-to-one (default): every poisoned sample relabelled to "
+                             "--target; all-to-all: class y to (y + 1) mod C, drawn from every "
+                             "class, and ASR counts a triggered image as a success when "
+                             "predicted as its own y + 1")
     parser.add_argument("--defense", default=defaults.defense)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
                         dest="assignments",
@@ -130,7 +137,8 @@ def config_from_args(args) -> RunConfig:
     preset.pop("width", None)
     return RunConfig(dataset=args.dataset, model=args.model, width=width, attack=args.attack,
                      attack_settings=settings["attack"], poison_ratio=args.poison_ratio,
-                     target=args.target, poison_pool=args.poison_pool, defense=args.defense,
+                     target=args.target, poison_pool=args.poison_pool,
+                     label_mode=args.label_mode, defense=args.defense,
                      defense_settings=settings["defense"], train=TrainConfig(**settings["train"]),
                      seed=args.seed, train_size=args.train_size, test_size=args.test_size,
                      validation_fraction=args.validation_fraction,
@@ -274,6 +282,34 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_gallery(args) -> int:
+    """One PNG per attack: clean, poisoned and amplified-residual rows, and the trigger's size."""
+    from .data import load_dataset
+    from .gallery import (describe_attack, fit_subset, format_stats, gallery_images,
+                          trigger_stats, write_gallery)
+
+    names = list_attacks() if args.all or not args.attack else list(dict.fromkeys(args.attack))
+    for name in names:
+        get_attack(name)  # an unknown name fails before any data loads
+    test = load_dataset(args.dataset, "test", root=args.data_root)
+    images = gallery_images(test, args.count)
+    train = None
+    for name in names:
+        attack = get_attack(name)()
+        fitted_on = None
+        if attack.needs_fit:
+            if train is None:
+                train = fit_subset(load_dataset(args.dataset, "train", root=args.data_root))
+            attack.fit(train, seed=0)
+            fitted_on = len(train)
+        stats = trigger_stats(test.images, attack.apply(test.images))
+        title = f"{describe_attack(name, attack, fitted_on)} on {args.dataset}"
+        path = write_gallery(attack, images, os.path.join(args.out, f"{name}.png"), title,
+                             stats=stats)
+        print(f"{name}: {format_stats(stats)} -> {path}")
+    return 0
+
+
 def cmd_list(args) -> int:
     defenses = [f"{name} [{', '.join(get_defense(name).protocols)}]" for name in list_defenses()]
     for title, names in (("data sets", list_datasets()), ("models", list_models()),
@@ -365,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "that is not finished is always replaced by a finished one)")
     p.add_argument("--store", default=None)
     p.set_defaults(handler=cmd_import)
+    p = commands.add_parser("gallery", help="one PNG per attack: clean, poisoned and "
+                            "residual images, with the trigger's L∞, L2 and PSNR")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--attack", action="append", default=[], metavar="NAME",
+                       help="an attack to show (repeatable; default: every registered attack)")
+    which.add_argument("--all", action="store_true", help="every registered attack")
+    p.add_argument("--dataset", default=RunConfig.dataset, choices=list_datasets())
+    p.add_argument("--count", type=int, default=8,
+                   help="test images shown per row (default 8: one of each class in turn)")
+    p.add_argument("--out", default="gallery", help="folder for the PNGs (default ./gallery)")
+    p.add_argument("--data-root", default=None, help="folder holding the data set's files")
+    p.set_defaults(handler=cmd_gallery)
     p = commands.add_parser("list", help="data sets, models, attacks, defenses, protocols")
     p.set_defaults(handler=cmd_list)
     return parser

@@ -16,6 +16,13 @@ Each defense declares the protocols that apply to its models and the state a pro
 model in (:meth:`eigenguard.defenses.Defense.evaluation_mode`); a model that does not depend on
 its batch needs ``triggered`` only. ACC is measured on clean test batches of the protocol's batch
 size (128, or 1 for ``single``).
+
+Label modes. All-to-one (the default): the triggered test set holds the test images whose true
+class is not the target, and ASR is the fraction predicted as the target. All-to-all: it holds
+every test image, each with its own target (y + 1) mod C, and ASR is the fraction predicted as
+their own target. In both, RA is the fraction predicted as their true class; the per-image
+targets travel with the triggered set (:attr:`TriggeredTestSet.targets`), so every protocol
+scores against them.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import torch
 from torch import nn
 
 from .attacks import Attack
+from .attacks.base import all_to_all_targets, check_label_mode
 from .data import ImageSet
 from .train import model_input
 
@@ -69,24 +77,52 @@ def check_protocol(protocol: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class TriggeredTestSet:
-    """Test images whose true class is not the target, with the trigger added."""
+    """Test images whose attack target differs from their true class, with the trigger added,
+    and each image's target (``targets``; every one ``target`` in all-to-one mode, the default
+    when ``targets`` is not given)."""
 
     images: torch.Tensor
     labels: torch.Tensor  # true classes
     source_indices: torch.Tensor  # positions of the clean originals in the test set
-    target: int
+    target: int | None  # the all-to-one target; None when the targets differ per image
+    targets: torch.Tensor | None = None  # int64, the target of each image
+
+    def __post_init__(self):
+        if self.targets is None:
+            if self.target is None:
+                raise ValueError("a triggered test set needs a target or per-image targets")
+            object.__setattr__(self, "targets", torch.full_like(self.labels, self.target))
+        elif len(self.targets) != len(self.labels):
+            raise ValueError(f"{len(self.targets)} targets for {len(self.labels)} images")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, index) -> "TriggeredTestSet":
+        """The images at ``index`` (a slice or index tensor), each with its label and target."""
+        return TriggeredTestSet(self.images[index], self.labels[index],
+                                self.source_indices[index], self.target, self.targets[index])
 
 
-def triggered_test_set(test: ImageSet, attack: Attack, target: int,
-                       target_of=None) -> TriggeredTestSet:
+def triggered_test_set(test: ImageSet, attack: Attack, target: int, target_of=None,
+                       label_mode: str = "all-to-one") -> TriggeredTestSet:
     """The triggered view of a test set. ``target_of`` maps true labels to the attack's target
-    labels (all-to-all attacks); by default every image goes to ``target`` and images of the
-    target class are left out."""
+    labels; ``label_mode="all-to-all"`` uses (y + 1) mod C. By default every image goes to
+    ``target`` and images of the target class are left out; in general, images whose target is
+    their own class are left out (none in all-to-all mode)."""
+    check_label_mode(label_mode)
+    if label_mode == "all-to-all":
+        if target_of is not None:
+            raise ValueError("give either target_of or label_mode='all-to-all', not both")
+        target_of = lambda labels: all_to_all_targets(labels, test.num_classes)  # noqa: E731
     if target_of is None:
         source = (test.labels != target).nonzero().flatten()
-    else:
-        source = (target_of(test.labels) != test.labels).nonzero().flatten()
-    return TriggeredTestSet(attack.apply(test.images[source]), test.labels[source], source, target)
+        return TriggeredTestSet(attack.apply(test.images[source]), test.labels[source], source,
+                                target)
+    targets = target_of(test.labels)
+    source = (targets != test.labels).nonzero().flatten()
+    return TriggeredTestSet(attack.apply(test.images[source]), test.labels[source], source, None,
+                            targets[source])
 
 
 @torch.no_grad()
@@ -108,15 +144,16 @@ def predict(model: nn.Module, images: torch.Tensor, data: ImageSet, batch_size: 
 def evaluate(model: nn.Module, test: ImageSet, attack: Attack, target: int,
              protocol: str = "triggered", *, batch_size: int = 128, seed: int = 0,
              device: str | torch.device = "cpu", progress: bool = True,
-             defense=None) -> Evaluation:
-    """Measure ACC on the clean test set and ASR / RA on its triggered non-target images.
+             defense=None, label_mode: str = "all-to-one") -> Evaluation:
+    """Measure ACC on the clean test set and ASR / RA on its triggered images: the non-target
+    ones (all-to-one), or every one, each with target (y + 1) mod C (all-to-all).
 
     ``defense`` (the one that built the model) puts the model in each protocol's state and may
     compute the mixed protocol faster; without it the model is evaluated as it is.
     """
     check_protocol(protocol)
     attack.check_fitted()
-    triggered = triggered_test_set(test, attack, target)
+    triggered = triggered_test_set(test, attack, target, label_mode=label_mode)
     mode = defense.evaluation_mode(model, protocol) if defense is not None else nullcontext()
     with mode:
         if protocol == "single":
@@ -139,7 +176,7 @@ def evaluate(model: nn.Module, test: ImageSet, attack: Attack, target: int,
             else:
                 trig_pred = predict(model, triggered.images, test, batch_size, device)
     acc = (clean_pred == test.labels).double().mean().item()
-    asr = (trig_pred == target).double().mean().item()
+    asr = (trig_pred == triggered.targets).double().mean().item()
     ra = (trig_pred == triggered.labels).double().mean().item()
     return Evaluation(protocol, batch_size, acc, asr, ra, len(test), len(triggered.labels))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import platform
 import subprocess
@@ -32,6 +33,7 @@ from torch import nn
 
 from . import __version__
 from .attacks import POISON_POOLS, create_attack
+from .attacks.base import LABEL_MODES
 from .data import ImageSet, dataset_info
 from .defenses import DefenseContext, DefenseResult, create_defense
 from .evaluate import check_protocol, detection_metrics, evaluate
@@ -71,6 +73,9 @@ class SetupConfig:
     poison_ratio: float = 0.1
     target: int = 0
     poison_pool: str = "all"  # dirty-label draws: "all" (BackdoorBench) or "non-target"
+    # "all-to-one": every poisoned sample relabelled to `target`; "all-to-all": class y to
+    # (y + 1) mod C, drawn from every class (pool ignored), and so scored at evaluation
+    label_mode: str = "all-to-one"
     train: TrainConfig = TrainConfig()
     seed: int = 0
     train_size: int | None = None  # None: the whole training set; else a seeded random subset
@@ -103,6 +108,12 @@ class SetupConfig:
         if self.poison_pool not in POISON_POOLS:
             raise ValueError(f"poison_pool must be one of {POISON_POOLS}, got "
                              f"{self.poison_pool!r}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES} (all-to-one: every "
+                             "poisoned sample relabelled to the target; all-to-all: class y to "
+                             f"(y + 1) mod C), got {self.label_mode!r}")
+        if self.label_mode != "all-to-one":
+            check_attack_label_mode(self.build_attack(), self.label_mode)
         check_fractions(self.validation_fraction, self.reserve_fraction)
 
     def setup_resolved(self) -> dict:
@@ -110,11 +121,45 @@ class SetupConfig:
         data["train"] = dataclasses.asdict(self.train)
         data["attack_settings"] = self.build_attack().settings()
         data["version"] = CONFIG_VERSION
+        # Key stability: label_mode came after runs were stored, whose keys hash this dict
+        # without it. The default (all-to-one, what those runs did) is therefore left out, so
+        # their keys stay the same; any other mode is spelled out and gets a key of its own.
+        if self.label_mode == "all-to-one":
+            del data["label_mode"]
         return data
 
     def setup_key(self, fingerprint: str) -> str:
         """The key of the backdoored model this setup makes (with the data's fingerprint)."""
         return _hash(self.setup_resolved(), fingerprint)
+
+
+def _accepts_label_mode(attack) -> bool:
+    """Whether the attack's ``poison`` takes ``label_mode`` (an attack that overrides
+    ``poison`` without forwarding it poisons all-to-one only)."""
+    parameters = inspect.signature(attack.poison).parameters
+    return "label_mode" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def check_attack_label_mode(attack, label_mode: str) -> None:
+    """Refuse, before any data loads, an attack that cannot poison in ``label_mode``."""
+    if label_mode == "all-to-one":
+        return
+    attack.check_label_mode_supported(label_mode)  # clean-label attacks keep their labels
+    if not _accepts_label_mode(attack):
+        raise ValueError(f"attack {type(attack).__name__} overrides poison() without a "
+                         f"label_mode argument, so it poisons all-to-one only; it cannot run "
+                         f"with label_mode {label_mode!r}")
+
+
+def poison_training_set(attack, config: "SetupConfig", train: ImageSet):
+    """Poison the victim's set as the config says (all-to-one is today's call, unchanged)."""
+    args = (train, config.poison_ratio, config.target, stream_seed(config.seed, "poison"),
+            config.poison_pool)
+    if config.label_mode == "all-to-one":
+        return attack.poison(*args)
+    check_attack_label_mode(attack, config.label_mode)
+    return attack.poison(*args, label_mode=config.label_mode)
 
 
 def _is_int(value) -> bool:
@@ -253,7 +298,8 @@ def evaluate_model(config: RunConfig, model: nn.Module, attack, splits: Splits, 
                 continue
             try:
                 result = evaluate(model, data, attack, config.target, protocol, seed=eval_seed,
-                                  device=device, progress=progress, defense=defense)
+                                  device=device, progress=progress, defense=defense,
+                                  label_mode=config.label_mode)
             except (ValueError, RuntimeError) as error:
                 errors.append(f"{protocol} on {split}: {type(error).__name__}: {error}")
                 log(f"evaluation failed: {errors[-1]}")
@@ -280,17 +326,21 @@ def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=No
     stages: dict[str, float] = {}
     clock = time.monotonic()
     splits = run_splits(config, loaded)
+    goal = (f"class {config.target}" if config.label_mode == "all-to-one"
+            else "y + 1 (all-to-all)")
     log(f"[{key[:8]}] {config.dataset}: {len(splits.train)} train / {len(splits.validation)} "
         f"validation / {len(splits.reserve)} reserve / {len(splits.test)} test images; "
-        f"{config.attack} {config.poison_ratio:.0%} -> class {config.target}; defense "
+        f"{config.attack} {config.poison_ratio:.0%} -> {goal}; defense "
         f"{config.defense}; {config.model} width {config.width}")
     attack.fit(splits.train, seed=stream_seed(config.seed, "attack-fit"), device=device)
-    poisoned = attack.poison(splits.train, config.poison_ratio, config.target,
-                             stream_seed(config.seed, "poison"), config.poison_pool)
+    poisoned = poison_training_set(attack, config, splits.train)
     stages["poison"] = time.monotonic() - clock
     info = dataset_info(config.dataset)
     history: list[dict] = []
     attack_hooks = attack.training_hooks(config.target, stream_seed(config.seed, "attack-hooks"))
+    if attack_hooks and config.label_mode != "all-to-one":
+        raise ValueError(f"attack {config.attack} edits training batches with hooks that "
+                         "relabel to one target; it supports label_mode all-to-one only")
     calls = [0]
 
     def record_epoch(record):

@@ -24,6 +24,21 @@ from ..errors import EigenGuardError
 #: where dirty-label attacks draw their samples: BackdoorBench draws from the whole training set,
 #: so about 1/C of them already carry the target label; "non-target" draws from the other classes
 POISON_POOLS = ("all", "non-target")
+#: how poisoned samples are relabelled: "all-to-one" sets every one to the target class
+#: (BackdoorBench's default); "all-to-all" sets a sample of class y to (y + 1) mod C
+LABEL_MODES = ("all-to-one", "all-to-all")
+
+
+def check_label_mode(label_mode: str) -> None:
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES} (all-to-one: every poisoned "
+                         f"sample relabelled to the target; all-to-all: class y to (y + 1) mod "
+                         f"C), got {label_mode!r}")
+
+
+def all_to_all_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The all-to-all attack's target of each true label: (y + 1) mod C."""
+    return (labels + 1) % num_classes
 
 
 class NotFittedError(EigenGuardError, RuntimeError):
@@ -38,7 +53,7 @@ class PoisonedSet:
     data: ImageSet
     poison_indices: torch.Tensor  # int64, sorted
     original_labels: torch.Tensor  # int64, labels before poisoning (all samples)
-    target: int
+    target: int  # the target class (all-to-one); in all-to-all mode each label y goes to y + 1
 
     @property
     def is_poisoned(self) -> torch.Tensor:
@@ -48,9 +63,10 @@ class PoisonedSet:
 
     @property
     def flipped_labels(self) -> int:
-        """How many poisoned samples had their label changed (dirty-label samples drawn from the
-        target class keep theirs)."""
-        return int((self.original_labels[self.poison_indices] != self.target).sum())
+        """How many poisoned samples had their label changed (all-to-one: dirty-label samples
+        drawn from the target class keep theirs; all-to-all: every one changes)."""
+        idx = self.poison_indices
+        return int((self.original_labels[idx] != self.data.labels[idx]).sum())
 
 
 def check_poison_args(train: ImageSet, ratio: float, target: int) -> None:
@@ -67,7 +83,8 @@ class Attack:
     Subclasses implement :meth:`apply`; attacks that learn their trigger override :meth:`fit`
     and set ``needs_fit = True``. Dirty-label attacks poison samples drawn from the whole training
     set (``pool="all"``) or from the non-target classes, and relabel them to the target;
-    clean-label attacks (``clean_label = True``) draw only from the target class.
+    clean-label attacks (``clean_label = True``) draw only from the target class. In all-to-all
+    mode a dirty-label attack draws from every class and relabels class y to (y + 1) mod C.
     """
 
     clean_label = False
@@ -123,23 +140,39 @@ class Attack:
 
     # -- poisoning -----------------------------------------------------------------------------
 
-    def eligible(self, train: ImageSet, target: int, pool: str = "all") -> torch.Tensor:
+    def eligible(self, train: ImageSet, target: int, pool: str = "all",
+                 label_mode: str = "all-to-one") -> torch.Tensor:
         """Indices the attack may poison."""
         if pool not in POISON_POOLS:
             raise ValueError(f"poison pool must be one of {POISON_POOLS}, got {pool!r}")
+        check_label_mode(label_mode)
+        if label_mode == "all-to-all":
+            self.check_label_mode_supported(label_mode)
+            return torch.arange(len(train))  # every sample changes label: any class, any pool
         if self.clean_label:
             return (train.labels == target).nonzero().flatten()
         if pool == "non-target":
             return (train.labels != target).nonzero().flatten()
         return torch.arange(len(train))
 
+    def check_label_mode_supported(self, label_mode: str) -> None:
+        """A clean-label attack keeps its samples' labels, so it has no all-to-all mode."""
+        check_label_mode(label_mode)
+        if label_mode == "all-to-all" and self.clean_label:
+            raise ValueError(f"{type(self).__name__} is a clean-label attack (its poisoned "
+                             "samples keep their labels), so it cannot relabel them all-to-all; "
+                             "use label_mode all-to-one")
+
     def poison(self, train: ImageSet, ratio: float, target: int, seed: int,
-               pool: str = "all") -> PoisonedSet:
+               pool: str = "all", label_mode: str = "all-to-one") -> PoisonedSet:
         """Poison ``round(ratio · len(train))`` samples drawn with ``seed`` from the eligible
-        pool: the trigger is added and the label set to ``target``."""
+        pool: the trigger is added and the label set to ``target`` (all-to-one), or to
+        (y + 1) mod C for a sample of class y drawn from any class (all-to-all; ``pool`` is then
+        ignored)."""
         check_poison_args(train, ratio, target)
+        self.check_label_mode_supported(label_mode)
         self.check_fitted()
-        eligible = self.eligible(train, target, pool)
+        eligible = self.eligible(train, target, pool, label_mode)
         count = int(round(ratio * len(train)))
         if count > len(eligible):
             largest = len(eligible) / max(len(train), 1)
@@ -154,7 +187,8 @@ class Attack:
         labels = train.labels.clone()
         if count:
             images[chosen] = self.apply(images[chosen])
-            labels[chosen] = target
+            labels[chosen] = (target if label_mode == "all-to-one"
+                              else all_to_all_targets(labels[chosen], train.num_classes))
         return PoisonedSet(train.with_images_labels(images, labels), chosen, train.labels.clone(),
                            target)
 

@@ -186,10 +186,10 @@ class WaNet(Attack):
     # -- poisoning with noise-mode samples -----------------------------------------------------
 
     def poison(self, train: ImageSet, ratio: float, target: int, seed: int,
-               pool: str = "all") -> WaNetPoisonedSet:
+               pool: str = "all", label_mode: str = "all-to-one") -> WaNetPoisonedSet:
         """Poison as the base class does, then warp ``round(cross_ratio · poisoned)`` other
         samples with a perturbed field, keeping their labels (listed in ``noise_indices``)."""
-        poisoned = super().poison(train, ratio, target, seed, pool)
+        poisoned = super().poison(train, ratio, target, seed, pool, label_mode=label_mode)
         count = len(poisoned.poison_indices)
         wanted = int(round(self.cross_ratio * count))
         rest = (~poisoned.is_poisoned).nonzero().flatten()
