@@ -1,18 +1,12 @@
 """BadNets (Gu et al., 2017): a white square in the bottom-right corner."""
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
-from .base import Attack, check_images
+from .base import Attack, check_images, is_integer
 from .registry import register_attack
-
-
-def _is_integer(value) -> bool:
-    """Ints only: a bool or a float such as 1.5 is a mistake, not a size to round."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @register_attack("badnets")
@@ -28,10 +22,10 @@ class BadNets(Attack):
 
     def __post_init__(self):
         # checked here: a patch of 0 would slice [-0:], which is the whole image
-        if self.patch is not None and (not _is_integer(self.patch) or self.patch < 1):
+        if self.patch is not None and (not is_integer(self.patch) or self.patch < 1):
             raise ValueError(f"BadNets patch must be an integer >= 1 (pixels per side, at most "
                              f"the image size) or None for the default, got {self.patch!r}")
-        if not _is_integer(self.value) or not 0 <= self.value <= 255:
+        if not is_integer(self.value) or not 0 <= self.value <= 255:
             raise ValueError(f"BadNets value must be an integer in 0..255, got {self.value!r}")
 
     def patch_size(self, height: int) -> int:

@@ -14,6 +14,8 @@ Three kinds of attack fit behind it (docs/EXTENDING.md shows one of each):
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -197,3 +199,14 @@ def check_images(images: torch.Tensor) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"attacks take uint8 image batches (N, C, H, W), got "
                          f"{images.dtype} of shape {tuple(images.shape)}")
+
+
+def is_integer(value) -> bool:
+    """An int (numpy's too); a bool or a float such as 1.5 is a mistake, not a count to round."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite int or float; a bool is a mistake, not a number."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))

@@ -26,8 +26,6 @@ both (the tests do, to check that a fit is deterministic without them).
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from ..data import ImageSet, normalize
 from ..models import create_model, is_model, list_models
 from ..seeding import generator, stream_seed
 from ..train import TrainConfig, train
+from .base import is_integer
 
 #: helpers kept in the in-process cache (state dicts on the CPU)
 CACHE_SIZE = 4
@@ -48,28 +47,19 @@ FIT_CACHE_SIZE = 16
 _FIT_CACHE: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 
 
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
 def check_helper_settings(owner: str, model: str, width: int, epochs: int,
                           train_size: int) -> None:
     """Refuse bad helper settings with an error that names the setting."""
     if not isinstance(model, str) or not is_model(model):
         raise ValueError(f"{owner} helper_model must be a registered model name (one of "
                          f"{', '.join(list_models())}), got {model!r}")
-    if not _is_integer(width) or width < 1:
+    if not is_integer(width) or width < 1:
         raise ValueError(f"{owner} helper_width must be an integer >= 1 (the helper model's "
                          f"first-stage channels), got {width!r}")
-    if not _is_integer(epochs) or epochs < 1:
+    if not is_integer(epochs) or epochs < 1:
         raise ValueError(f"{owner} helper_epochs must be an integer >= 1 (epochs of the clean "
                          f"helper model's training), got {epochs!r}")
-    if not _is_integer(train_size) or train_size < 1:
+    if not is_integer(train_size) or train_size < 1:
         raise ValueError(f"{owner} helper_train_size must be an integer >= 1 (the most training "
                          f"images the helper model learns from), got {train_size!r}")
 

@@ -72,18 +72,13 @@ from dataclasses import dataclass
 import torch
 
 from ..data import ImageSet
-from .base import Attack, check_images
+from .base import Attack, check_images, is_real
 from .registry import register_attack
 
 #: the coefficient streams: poisoned training images, and every other application
 STREAMS = ("train", "test")
 #: images triggered per chunk (bounds the float64 working memory, not a per-image loop)
 CHUNK = 4096
-
-
-def _is_real(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def _sign_fixed_qr(matrix: torch.Tensor) -> torch.Tensor:
@@ -111,7 +106,7 @@ class HighRank(Attack):
         if not isinstance(self.m, numbers.Integral) or isinstance(self.m, bool) or self.m < 1:
             raise ValueError(f"HighRank m must be an integer >= 1 (the number of patterns, the "
                              f"trigger's rank), got {self.m!r}")
-        if not _is_real(self.eps) or not 0 < self.eps <= 255:
+        if not is_real(self.eps) or not 0 < self.eps <= 255:
             raise ValueError(f"HighRank eps must be a number in (0, 255] (the trigger's RMS "
                              f"amplitude per value on 0..255), got {self.eps!r}")
         self.m, self.eps = int(self.m), float(self.eps)

@@ -79,8 +79,6 @@ Fitted state: ``pattern_`` (float64, (C, H, W), the perturbation v on the 0..255
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +86,7 @@ import torch.nn.functional as F
 
 from ..data import ImageSet
 from ..seeding import generator
-from .base import Attack, check_images
+from .base import Attack, check_images, is_integer, is_real
 from .helpers import (cached_fit, check_helper_settings, helper_input, single_thread,
                       train_clean_helper)
 from .registry import register_attack
@@ -97,15 +95,6 @@ from .registry import register_attack
 FOOLING_SAMPLE = 1024
 #: images triggered per chunk in apply (bounds the float64 working memory)
 CHUNK = 4096
-
-
-def _is_real(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def frequency_radius(height: int, width: int, device=None) -> torch.Tensor:
@@ -167,22 +156,22 @@ class LF(Attack):
     helper_train_size: int = 30000
 
     def __post_init__(self):
-        if not _is_real(self.eps) or not 0 < self.eps <= 255:
+        if not is_real(self.eps) or not 0 < self.eps <= 255:
             raise ValueError(f"LF eps must be a number in (0, 255] (the L-inf bound of the "
                              f"perturbation on the 0..255 scale), got {self.eps!r}")
-        if not _is_real(self.cutoff) or self.cutoff < 0:
+        if not is_real(self.cutoff) or self.cutoff < 0:
             raise ValueError(f"LF cutoff must be a number >= 0 (the low-pass radius in cycles "
                              f"per image; 0 keeps only the mean), got {self.cutoff!r}")
-        if not _is_integer(self.steps) or self.steps < 1:
+        if not is_integer(self.steps) or self.steps < 1:
             raise ValueError(f"LF steps must be an integer >= 1 (gradient steps of the "
                              f"universal perturbation), got {self.steps!r}")
-        if not _is_real(self.step_size) or self.step_size <= 0:
+        if not is_real(self.step_size) or self.step_size <= 0:
             raise ValueError(f"LF step_size must be a number > 0 (the largest change of one "
                              f"step on the 0..255 scale), got {self.step_size!r}")
-        if not _is_integer(self.batch_size) or self.batch_size < 1:
+        if not is_integer(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"LF batch_size must be an integer >= 1 (images per step), got "
                              f"{self.batch_size!r}")
-        if self.target is not None and (not _is_integer(self.target) or self.target < 0):
+        if self.target is not None and (not is_integer(self.target) or self.target < 0):
             raise ValueError(f"LF target must be an integer >= 0 (the class the perturbation "
                              f"aims at) or None for the run's target, got {self.target!r}")
         check_helper_settings("LF", self.helper_model, self.helper_width, self.helper_epochs,

@@ -82,13 +82,12 @@ the offsets of 3..8 pixels and sigma in 1..5 pixels are kept as they are.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ..data import ImageSet
-from .base import Attack, check_images
+from .base import Attack, check_images, is_integer, is_real
 from .registry import register_attack
 
 MODES = ("ghost", "focal", "mixed")
@@ -101,15 +100,6 @@ SIGMA_RANGE = (1.0, 5.0)
 HASH_BITS = 20
 #: images blended per chunk (bounds the float64 working memory, not a per-image loop)
 CHUNK = 4096
-
-
-def _is_real(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def mirror_index(positions: torch.Tensor, size: int) -> torch.Tensor:
@@ -173,27 +163,27 @@ class Refool(Attack):
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(f"Refool mode must be one of {MODES} (mixed: ghost with probability "
                              f"ghost_rate, else focal, per image), got {self.mode!r}")
-        if not _is_real(self.alpha) or not 0 < self.alpha <= 1:
+        if not is_real(self.alpha) or not 0 < self.alpha <= 1:
             raise ValueError(f"Refool alpha must be a number in (0, 1] (the reflection's weight, "
                              f"1 − BackdoorBench's alpha_t), got {self.alpha!r}")
-        if not _is_real(self.ghost_rate) or not 0 <= self.ghost_rate <= 1:
+        if not is_real(self.ghost_rate) or not 0 <= self.ghost_rate <= 1:
             raise ValueError(f"Refool ghost_rate must be a number in [0, 1] (the share of ghost "
                              f"reflections in mixed mode), got {self.ghost_rate!r}")
-        if self.sigma is not None and (not _is_real(self.sigma) or self.sigma <= 0):
+        if self.sigma is not None and (not is_real(self.sigma) or self.sigma <= 0):
             raise ValueError(f"Refool sigma must be a number > 0 (the focal blur's standard "
                              f"deviation in pixels) or None to draw it per reflection from "
                              f"U(1, 5), got {self.sigma!r}")
-        if self.ghost_offset is not None and (not _is_integer(self.ghost_offset)
+        if self.ghost_offset is not None and (not is_integer(self.ghost_offset)
                                               or self.ghost_offset < 1):
             raise ValueError(f"Refool ghost_offset must be an integer >= 1 (the ghost's shift in "
                              f"pixels along each axis) or None to draw each axis per reflection "
                              f"from 3..8, got {self.ghost_offset!r}")
-        if self.ghost_alpha is not None and (not _is_real(self.ghost_alpha)
+        if self.ghost_alpha is not None and (not is_real(self.ghost_alpha)
                                              or not 0 <= self.ghost_alpha <= 1):
             raise ValueError(f"Refool ghost_alpha must be a number in [0, 1] (the unshifted "
                              f"copy's weight in a ghost) or None to draw it per reflection, got "
                              f"{self.ghost_alpha!r}")
-        if not _is_integer(self.reflections) or self.reflections < 1:
+        if not is_integer(self.reflections) or self.reflections < 1:
             raise ValueError(f"Refool reflections must be an integer >= 1 (how many reflection "
                              f"images the attack uses), got {self.reflections!r}")
         if not isinstance(self.clean_label, bool):

@@ -23,19 +23,12 @@ a single channel that gets the same profile as each colour channel would.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
-from .base import Attack, check_images
+from .base import Attack, check_images, is_real
 from .registry import register_attack
-
-
-def _is_real(value) -> bool:
-    """A finite int or float; a bool is a mistake, not a number."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def sinusoid_profile(width: int, delta: float, frequency: float,
@@ -56,10 +49,10 @@ class SIG(Attack):
     frequency: float = 6.0
 
     def __post_init__(self):
-        if not _is_real(self.delta) or not 0 < self.delta <= 255:
+        if not is_real(self.delta) or not 0 < self.delta <= 255:
             raise ValueError(f"SIG delta must be a number in (0, 255] (the sinusoid's amplitude "
                              f"on the 0..255 scale), got {self.delta!r}")
-        if not _is_real(self.frequency) or self.frequency <= 0:
+        if not is_real(self.frequency) or self.frequency <= 0:
             raise ValueError(f"SIG frequency must be a number > 0 (periods across the image "
                              f"width), got {self.frequency!r}")
         self.delta = float(self.delta)

@@ -60,8 +60,6 @@ and with the optimised uint8 patch, a diagnostic).
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -70,19 +68,10 @@ from torch import nn
 
 from ..data import ImageSet
 from ..seeding import generator
-from .base import Attack, check_images
+from .base import Attack, check_images, is_integer, is_real
 from .helpers import (cached_fit, check_helper_settings, helper_input, penultimate,
                       single_thread, train_clean_helper)
 from .registry import register_attack
-
-
-def _is_real(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def corner_mask(height: int, width: int, size: int) -> torch.Tensor:
@@ -146,19 +135,19 @@ class TrojanNN(Attack):
     helper_train_size: int = 30000
 
     def __post_init__(self):
-        if not _is_integer(self.size) or self.size < 1:
+        if not is_integer(self.size) or self.size < 1:
             raise ValueError(f"TrojanNN size must be an integer >= 1 (the side of the square "
                              f"trigger mask in pixels), got {self.size!r}")
-        if not _is_integer(self.neurons) or self.neurons < 1:
+        if not is_integer(self.neurons) or self.neurons < 1:
             raise ValueError(f"TrojanNN neurons must be an integer >= 1 (how many penultimate "
                              f"units the patch excites), got {self.neurons!r}")
-        if not _is_real(self.target_value) or self.target_value <= 0:
+        if not is_real(self.target_value) or self.target_value <= 0:
             raise ValueError(f"TrojanNN target_value must be a number > 0 (the activation the "
                              f"chosen units are pushed towards), got {self.target_value!r}")
-        if not _is_integer(self.steps) or self.steps < 1:
+        if not is_integer(self.steps) or self.steps < 1:
             raise ValueError(f"TrojanNN steps must be an integer >= 1 (Adam steps on the patch), "
                              f"got {self.steps!r}")
-        if not _is_real(self.lr) or self.lr <= 0:
+        if not is_real(self.lr) or self.lr <= 0:
             raise ValueError(f"TrojanNN lr must be a number > 0 (Adam's learning rate on the "
                              f"patch's tanh parameters), got {self.lr!r}")
         check_helper_settings("TrojanNN", self.helper_model, self.helper_width,

@@ -51,7 +51,6 @@ by 1 / size likewise.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 
 from ..data import ImageSet
 from ..seeding import generator as stream_generator
-from .base import Attack, PoisonedSet, check_images
+from .base import Attack, PoisonedSet, check_images, is_real
 from .registry import register_attack
 
 #: images warped per grid_sample call (bounds the float64 working memory, not a per-image loop)
@@ -73,11 +72,6 @@ class WaNetPoisonedSet(PoisonedSet):
     labels kept, not poisoned (they are not in ``poison_indices``)."""
 
     noise_indices: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
-
-
-def _is_real(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def identity_grid(height: int, width: int) -> torch.Tensor:
@@ -118,10 +112,10 @@ class WaNet(Attack):
                 or self.k < 2):
             raise ValueError(f"WaNet k must be an integer >= 2 (control points per side of the "
                              f"warping grid), got {self.k!r}")
-        if not _is_real(self.s) or self.s <= 0:
+        if not is_real(self.s) or self.s <= 0:
             raise ValueError(f"WaNet s must be a number > 0 (the warping strength), got "
                              f"{self.s!r}")
-        if not _is_real(self.cross_ratio) or self.cross_ratio < 0:
+        if not is_real(self.cross_ratio) or self.cross_ratio < 0:
             raise ValueError(f"WaNet cross_ratio must be a number >= 0 (noise-mode samples per "
                              f"poisoned sample), got {self.cross_ratio!r}")
         self.k, self.s, self.cross_ratio = int(self.k), float(self.s), float(self.cross_ratio)
