@@ -59,10 +59,10 @@ def check_k(k) -> int:
     """Validate the number of dominant directions; bools and floats are refused, not rounded."""
     if not _is_integer(k):
         raise TypeError(f"EigenGuard k must be an integer >= 1, got {k!r} ({type(k).__name__}); "
-                        "pass for example k=32")
+                        "pass for example k=16")
     if k < 1:
         raise ValueError(f"EigenGuard k must be >= 1, got {k}: k is how many dominant singular "
-                         "directions share one scale; pass for example k=32")
+                         "directions share one scale; pass for example k=16")
     return int(k)
 
 
@@ -422,7 +422,7 @@ class EigenGuard(nn.Module):
         method: ``"gram"`` (fast: B × B Gram matrix) or ``"svd"`` (reference: SVD of the features).
     """
 
-    def __init__(self, k: int = 32, tail_scale: float = 1e-3, scale: str = "kth",
+    def __init__(self, k: int = 16, tail_scale: float = 1e-3, scale: str = "kth",
                  grad: str = "detach", eval_mode: str = "running",
                  rank_rtol: float = DEFAULT_RANK_RTOL, track_running_stats: bool = True,
                  momentum: float = 0.1, stats_every: int = 2, sketch_rank: int | None = None,

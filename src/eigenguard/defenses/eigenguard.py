@@ -19,7 +19,7 @@ from .registry import register_defense
 class EigenGuardDefense(Defense):
     """Layer settings (see :class:`eigenguard.EigenGuard`) plus where the layer goes."""
 
-    k: int = 32
+    k: int = 16
     tail_scale: float = 1e-3
     scale: str = "kth"
     after: str = "layer1"
