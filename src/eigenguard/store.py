@@ -281,7 +281,7 @@ class ResultStore:
             row = db.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 stored = self._to_run(row)
-                if stored.status == "running" and self._is_live(stored):
+                if stored.status == "running" and self.is_live(stored):
                     return Claim("busy", run=stored)
                 if stored.status == "finished" and not force:
                     return Claim("finished", run=stored)
@@ -296,7 +296,7 @@ class ResultStore:
                         git_commit, device))
         return Claim("claimed", token=token)
 
-    def _is_live(self, run: StoredRun) -> bool:
+    def is_live(self, run: StoredRun) -> bool:
         """A claim is live while its heartbeat is fresh and, on this host, its process exists
         (a dead process is noticed at once; a reused pid by its stopped heartbeat)."""
         fresh = run.heartbeat is not None and _epoch() - run.heartbeat < self.stale_after

@@ -37,6 +37,7 @@ class PlannedRun:
     stored: StoredRun | None = None
     estimate: float | None = None  # seconds, from measured runs of the same kind
     protocols: tuple[str, ...] | None = None  # the grid's protocols that apply to this defense
+    missing: tuple[str, ...] = ()  # of those, the ones a stored run has not been evaluated in
 
     @property
     def to_do(self) -> bool:
@@ -149,18 +150,18 @@ def plan(grid: Grid, store: ResultStore, *, data_root=None,
         key = config.key(fingerprint)
         stored = store.get_run(key)
         protocols = _grid_protocols(grid, config)
+        missing = _missing_protocols(store, stored, protocols) if stored is not None else ()
         if stored is None:
             state = "pending"
         elif stored.status == "finished":
-            state = "missing-protocols" if (
-                _missing_protocols(store, stored, protocols) and stored.checkpoint) else "stored"
+            state = "missing-protocols" if missing and stored.checkpoint else "stored"
         elif stored.status == "running":
-            state = "running" if store._is_live(stored) else "stale"
+            state = "running" if store.is_live(stored) else "stale"
         else:
             state = stored.status if not retry_failed else "pending"
         available = len(loaded[config.dataset].train)
         planned.append(PlannedRun(config, key, config.setup_key(fingerprint), state, stored,
-                                  costs.estimate(config, available), protocols))
+                                  costs.estimate(config, available), protocols, missing))
     return planned, loaded
 
 
@@ -239,8 +240,7 @@ class InProcessExecutor:
                 if item.state == "missing-protocols" or (
                         item.stored is not None and item.stored.status == "evaluation-failed"
                         and item.stored.checkpoint):
-                    protocols = (_missing_protocols(store, item.stored, item.protocols)
-                                 or item.protocols)
+                    protocols = item.missing or item.protocols
                     reevaluate(store, item.stored, data_root=data_root, protocols=protocols,
                                device=device, progress=progress, log=log)
                     status = "finished"

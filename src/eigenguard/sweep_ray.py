@@ -67,7 +67,7 @@ from .experiment import (RunConfig, device_description, execute, git_commit, lib
 from .models import registry as model_registry
 from .splits import LoadedData
 from .store import HEARTBEAT_SECONDS, ClaimLostError, ResultStore, StoredRun
-from .sweep import PlannedRun, Progress, SweepSummary, _missing_protocols, format_duration
+from .sweep import PlannedRun, Progress, SweepSummary, format_duration
 
 RAY_MISSING = "the ray executor needs Ray: pip install 'eigenguard[ray]'"
 
@@ -517,8 +517,7 @@ class _Driver:
                  f"{self._describe(item)} again in the driver")
         clock = time.monotonic()
         try:
-            protocols = _missing_protocols(self.store, item.stored, item.protocols) \
-                or item.protocols
+            protocols = item.missing or item.protocols
             reevaluate(self.store, item.stored, data_root=self.data_root, protocols=protocols,
                        device=self.device, progress=self.progress, log=self.log)
         except KeyboardInterrupt:
@@ -556,7 +555,7 @@ class _Driver:
             reason = (stored.error if stored is not None and stored.error else
                       f"it is {stored.status if stored else 'not in the store'}")
             self._fail_dependents(key, reason)
-        elif stored is not None and stored.status == "running" and self.store._is_live(stored):
+        elif stored is not None and stored.status == "running" and self.store.is_live(stored):
             if key not in self.waiting:
                 self.log(f"[sweep] {key[:8]} is being run by pid {stored.pid} on "
                          f"{stored.host}: the post-training defenses of its setup wait for it")
