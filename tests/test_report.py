@@ -121,3 +121,10 @@ def test_the_validation_split_is_reported_apart(tmp_path):
     assert test["eg0"] == ("80.00", "20.00", "0.00", "85.00")
     validation = {row[0]: row[11:] for row in result_rows(store, split="validation")}
     assert validation == {"eg0": ("70.00", "40.00", "0.00", "-")}  # no validation reference
+
+
+def test_a_subset_run_names_its_size_in_the_dataset_cell():
+    from eigenguard.report import _dataset_cell
+    assert _dataset_cell({"dataset": "fashion-mnist", "train_size": None}) == "fashion-mnist"
+    assert _dataset_cell({"dataset": "fashion-mnist", "train_size": 12000}) == \
+        "fashion-mnist (12000 images)"

@@ -103,10 +103,17 @@ def _short_commit(commit: str | None) -> str:
     return commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
+def _dataset_cell(config: dict) -> str:
+    """The data set, with the subset size when the run drew one (``train_size``), so budgets
+    that differ only in it stay apart in a table."""
+    size = config.get("train_size")
+    return config["dataset"] if size is None else f"{config['dataset']} ({size} images)"
+
+
 def _setup_cells(run: StoredRun) -> tuple:
     """Data set, model/width, attack, poison ratio and defense of a run."""
     config = run.config
-    return (config["dataset"], f"{config['model']}/{config['width']}", config["attack"],
+    return (_dataset_cell(config), f"{config['model']}/{config['width']}", config["attack"],
             f"{config['poison_ratio']:.0%}", _defense_label(run))
 
 
