@@ -4,7 +4,7 @@ The defense is one layer, :class:`EigenGuard`, dropped into any model::
 
     import eigenguard
     model = eigenguard.create_model("preact_resnet18", in_channels=1, num_classes=10, width=16)
-    eigenguard.guard(model, after="layer1", k=32)
+    eigenguard.guard(model, after="layer1", k=16)
 
 The rest of the package is the benchmark that measures it: data sets, attacks, defenses, one
 training loop, evaluation protocols and a result store.

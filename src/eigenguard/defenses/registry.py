@@ -1,4 +1,4 @@
-"""Defense registry: ``create_defense("eigenguard", k=32)``."""
+"""Defense registry: ``create_defense("eigenguard", k=16)``."""
 from ..registry import Registry
 
 DEFENSES = Registry("defense")
