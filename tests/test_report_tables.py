@@ -86,7 +86,7 @@ def test_the_best_defense_of_each_row_is_bold(store):
     assert texts(table, "badnets", "DER") == ["-", "49.00", "48.00"]
     assert bold(table, "badnets", "DER") == [False, True, False]
     markdown = format_source_markdown([table])
-    assert "| badnets | ACC | **90.00** | 88.00 | 86.00 |" in markdown
+    assert "| badnets§ | ACC | **90.00** | 88.00 | 86.00 |" in markdown  # ASR 1%: not learned
     assert "|  | ASR | 1.00 | **5.00** | 20.00 |" in markdown
     assert "|  | DER | - | **49.00** | 48.00 |" in markdown
 
@@ -172,3 +172,19 @@ def test_one_table_per_setting_and_the_split_is_chosen(store):
     markdown = format_source_markdown(tables)
     assert markdown.count("**Table ") == 2 and "Cells: mean ± sample standard deviation" in markdown
     assert format_source_markdown([]) == "no finished runs in the store"
+
+
+def test_an_attack_the_undefended_model_did_not_learn_is_marked(store):
+    from eigenguard.report_tables import UNLEARNED_NOTE
+    for seed, asr in ((0, 0.03), (1, 0.60)):  # mean 31.5%: below 50, not learned
+        add_run(store, f"n{seed}", seed=seed, evaluations={"triggered": (0.88, asr, 0.85)})
+        add_run(store, f"e{seed}", seed=seed, defense="eigenguard",
+                evaluations={"running": (0.80, 0.02, 0.78)})
+    for seed in (0, 1):  # blended: learned (ASR 99%)
+        add_run(store, f"b{seed}", seed=seed, attack="blended",
+                evaluations={"triggered": (0.88, 0.99, 0.0)})
+    [table] = source_tables(store, None)
+    labels = {r.attack_label for r in table.rows}
+    assert labels == {"badnets§", "blended"}
+    assert UNLEARNED_NOTE in table.footnotes
+    assert "badnets§" in format_source_markdown([table])

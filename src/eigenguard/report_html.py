@@ -29,8 +29,8 @@ from pathlib import Path
 from .errors import EigenGuardError
 from .evaluate import PROTOCOLS
 from .report import _finished_runs, _short_commit
-from .report_tables import (LEGEND, NO_DEFENSE, PROTOCOL_MARK, Column, RunValues, Table,
-                            setting_text, source_tables)
+from .report_tables import (LEGEND, NO_DEFENSE, PROTOCOL_MARK, UNLEARNED_MARK, Column,
+                            RunValues, Table, setting_text, source_tables)
 from .store import ResultStore, StoredRun
 
 DPI = 110
@@ -206,8 +206,11 @@ def _acc_asr_plot(tables, names, colors, markers, new_figure) -> Plot:
 
 
 def _attack_label(tables: list[Table], attack: str) -> str:
+    """The attack's name with the tables' marks: tuning (†), not learned undefended (§)."""
     tuning = any(attack in table.tuning for table in tables)
-    return f"{attack}†" if tuning else attack
+    unlearned = any(row.unlearned for table in tables for row in table.rows
+                    if row.attack == attack)
+    return attack + ("†" if tuning else "") + (UNLEARNED_MARK if unlearned else "")
 
 
 # -- (b) training curves ---------------------------------------------------------------------------

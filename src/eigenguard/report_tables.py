@@ -37,6 +37,12 @@ DEFENDED_ONLY = ("ASR", "DER")
 NO_DEFENSE = "No defense"
 DAGGER = "†"
 PROTOCOL_MARK = "‡"
+UNLEARNED_MARK = "§"
+#: below this mean undefended ASR (%) a row's backdoor counts as not learned
+LEARNED_ASR = 50.0
+UNLEARNED_NOTE = (f"{UNLEARNED_MARK} not learned without a defense: the undefended model's mean "
+                  f"ASR is below {LEARNED_ASR:.0f}%, so there is no backdoor to remove; DER there "
+                  "measures only what the defense costs in accuracy")
 TUNING_NOTE = (f"{DAGGER} tuning attack: used to choose settings on the validation split; "
                "the others are held out")
 #: what each protocol does, for the footnote of a column evaluated under it
@@ -200,10 +206,12 @@ class Row:
     metric: str
     tuning: bool
     cells: list[Cell | None]
+    unlearned: bool = False  # the undefended model did not learn this backdoor
 
     @property
     def attack_label(self) -> str:
-        return self.attack + (DAGGER if self.tuning else "")
+        return (self.attack + (DAGGER if self.tuning else "")
+                + (UNLEARNED_MARK if self.unlearned else ""))
 
 
 @dataclass
@@ -413,6 +421,7 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
             rows.append(Row(attack, metric, attack in tuning, cells))
     for row in rows:
         _mark_best(row, columns)
+    _mark_unlearned(rows, columns)
 
     setting = _setting(runs[0].config)
     table = Table("", split, setting, columns, rows, [], attacks, tuning, kept,
@@ -424,6 +433,19 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
     table.caption = f"{caption}; {split} split; mean ± sample std over seeds, {seeds}"
     table.footnotes = _footnotes(table)
     return table
+
+
+def _mark_unlearned(rows: list[Row], columns: list[Column]) -> None:
+    """Flag the attacks whose undefended mean ASR is below :data:`LEARNED_ASR`: a defense's
+    low ASR there is no achievement, and its DER can only show the accuracy it costs."""
+    undefended = [i for i, column in enumerate(columns) if column.undefended]
+    if not undefended:
+        return
+    unlearned = {row.attack for row in rows if row.metric == "ASR"
+                 and row.cells[undefended[0]] is not None
+                 and row.cells[undefended[0]].mean < LEARNED_ASR}
+    for row in rows:
+        row.unlearned = row.attack in unlearned
 
 
 def _cell(found: list[RunValues], column: Column, metric: str, references) -> Cell | None:
@@ -449,6 +471,8 @@ def _footnotes(table: Table) -> list[str]:
     notes = []
     if table.tuning:
         notes.append(TUNING_NOTE)
+    if any(row.unlearned for row in table.rows):
+        notes.append(UNLEARNED_NOTE)
     for protocol in dict.fromkeys(c.protocol for c in table.columns if c.batch_dependent):
         notes.append(f"{PROTOCOL_MARK} [{protocol}]: the evaluation protocol of the column (the "
                      f"defense's predictions depend on its test batch): "
