@@ -1,5 +1,6 @@
 """WaNet (Nguyen & Tran, "WaNet – Imperceptible Warping-based Backdoor Attack", ICLR 2021), in a
-data-poisoning mode: the trigger is a small, fixed, smooth warp of the whole image.
+data-poisoning or the paper's training-controlled mode: the trigger is a small, fixed, smooth
+warp of the whole image.
 
 The warping field. A k × k control grid of offsets (x and y) is drawn uniform in [−1, 1] and
 divided by its mean absolute value, upsampled bicubically (align_corners=True) to the image size
@@ -28,10 +29,18 @@ every sample outside ``poison_indices`` and ``noise_indices``.
 
 Defaults: k = 4, s = 0.5, cross_ratio = 2, as in BackdoorBench's
 ``config/attack/wanet/default.yaml`` (``k: 4``, ``s: 0.5``, ``cross_ratio: 2``; its
-``grid_rescale: 1`` is fixed at 1 here). The paper and BackdoorBench run WaNet as a
-training-controlled attack, warping a fresh share of every training batch; here the poisoned and
-noise samples are drawn once, like BadNets' poisoned samples, so the attack runs through the
-ordinary poisoning path (training hooks could be added later for the paper's mode).
+``grid_rescale: 1`` is fixed at 1 here).
+
+Two threat models (the ``mode`` setting; :mod:`eigenguard.attacks.training_mode`). In ``"data"``
+mode (the default) the poisoned and noise samples are drawn once, like BadNets' poisoned samples,
+and the attack runs through the ordinary poisoning path. In ``"training"`` mode, the paper's and
+BackdoorBench's, a training hook warps a fresh share of every training batch after augmentation:
+``round(ratio · B)`` samples with the field, relabelled to the target, and ``round(cross_ratio ·
+that)`` others with the field plus their own perturbation, labels kept. :meth:`WaNet.poison` then
+still returns the data mode's set, materialised for defenses that inspect data; the hook puts
+those samples back clean while the victim trains on that set, so the dose is the paper's.
+``settings()`` names ``mode`` only when it is ``"training"``, so data-mode configs (and the keys
+of stored data-mode runs) are as they were before the setting existed.
 
 Why the field is fitted state rather than a ``grid_seed`` setting: :meth:`WaNet.fit` draws it
 from the seed it is given (the run's own "attack-fit" stream) and keeps it in ``control_`` (the
@@ -61,6 +70,8 @@ from ..data import ImageSet
 from ..seeding import generator as stream_generator
 from .base import Attack, PoisonedSet, check_images, is_real
 from .registry import register_attack
+from .training_mode import (BatchPoisoner, PoisonPlan, check_mode, plan_for, refuse_all_to_all,
+                            to_float, to_uint8)
 
 #: images warped per grid_sample call (bounds the float64 working memory, not a per-image loop)
 CHUNK = 4096
@@ -106,8 +117,10 @@ class WaNet(Attack):
     k: int = 4
     s: float = 0.5
     cross_ratio: float = 2.0
+    mode: str = "data"
 
     def __post_init__(self):
+        check_mode("WaNet", self.mode)
         if (not isinstance(self.k, numbers.Integral) or isinstance(self.k, bool)
                 or self.k < 2):
             raise ValueError(f"WaNet k must be an integer >= 2 (control points per side of the "
@@ -119,6 +132,18 @@ class WaNet(Attack):
             raise ValueError(f"WaNet cross_ratio must be a number >= 0 (noise-mode samples per "
                              f"poisoned sample), got {self.cross_ratio!r}")
         self.k, self.s, self.cross_ratio = int(self.k), float(self.s), float(self.cross_ratio)
+        self._plan = None
+
+    def settings(self) -> dict:
+        """The settings; ``mode`` only when it is "training" (data-mode keys stay unchanged)."""
+        settings = super().settings()
+        if self.mode == "data":
+            del settings["mode"]
+        return settings
+
+    def check_label_mode_supported(self, label_mode: str) -> None:
+        super().check_label_mode_supported(label_mode)
+        refuse_all_to_all("WaNet", self.mode, label_mode)
 
     # -- the field -----------------------------------------------------------------------------
 
@@ -198,6 +223,42 @@ class WaNet(Attack):
         images = poisoned.data.images.clone()
         if wanted:
             images[chosen] = self._warp(train.images[chosen], noise=draw)
-        return WaNetPoisonedSet(poisoned.data.with_images_labels(images, poisoned.data.labels),
-                                poisoned.poison_indices, poisoned.original_labels,
-                                poisoned.target, noise_indices=chosen)
+        result = WaNetPoisonedSet(poisoned.data.with_images_labels(images, poisoned.data.labels),
+                                  poisoned.poison_indices, poisoned.original_labels,
+                                  poisoned.target, noise_indices=chosen)
+        if self.mode == "training":
+            self._plan = PoisonPlan.of(result, train, ratio, pool, extra=chosen)
+        return result
+
+    # -- training mode -------------------------------------------------------------------------
+
+    def training_hooks(self, target: int, seed: int, ratio: float | None = None) -> list:
+        """Data mode: none. Training mode: a hook that warps a fresh share of every batch
+        (``ratio``: the share, by default the one :meth:`poison` was given)."""
+        if self.mode == "data":
+            return []
+        self.check_fitted()
+        return [WaNetBatches(self, target, seed, plan_for("WaNet", self._plan, ratio))]
+
+
+class WaNetBatches(BatchPoisoner):
+    """WaNet's training-controlled mode: warped samples relabelled to the target, and
+    ``cross_ratio`` × as many noise-mode samples (perturbed field, labels kept)."""
+
+    def __init__(self, attack: WaNet, target: int, seed: int, plan: PoisonPlan):
+        super().__init__("WaNet", target, seed, plan, "wanet-batches")
+        self.attack = attack
+
+    def extra_count(self, batch_size: int, poisoned: int) -> int:
+        return int(round(self.attack.cross_ratio * poisoned))
+
+    def edit(self, state, batch, poisoned, extra):
+        images = batch.images.clone()
+        if len(poisoned):
+            rows = poisoned.to(images.device)
+            images[rows] = to_float(self.attack.apply(to_uint8(images[rows])), images)
+        if len(extra):
+            rows = extra.to(images.device)
+            noisy = self.attack._warp(to_uint8(images[rows]), noise=self.draw)
+            images[rows] = to_float(noisy, images)
+        return images
