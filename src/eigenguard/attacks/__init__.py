@@ -1,5 +1,5 @@
 """Backdoor attacks behind one interface: ``apply`` adds a trigger, ``poison`` builds a PoisonedSet."""
-from . import badnets, blended, bpp, sig, wanet  # noqa: F401  (registration)
+from . import badnets, blended, bpp, inputaware, sig, wanet  # noqa: F401  (registration)
 from . import adaptive, highrank, refool  # noqa: F401  (registration)
 from . import lc, lf, trojannn  # noqa: F401  (registration)
 from .base import POISON_POOLS, Attack, NotFittedError, PoisonedSet
