@@ -39,7 +39,7 @@ def by_protocol(result):
 
 def test_config_key_spells_out_defaults_and_includes_the_data():
     assert config(defense="eigenguard").key("d") == \
-        config(defense="eigenguard", defense_settings={"k": 32}).key("d")
+        config(defense="eigenguard", defense_settings={"k": 16}).key("d")
     assert config(defense="eigenguard").key("d") != \
         config(defense="eigenguard", defense_settings={"k": 8}).key("d")
     assert config(seed=1).key("d") != config().key("d")
