@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic data set written in the MNIST idx format."""
+"""Shared fixtures: a small synthetic data set written in the MNIST idx format; and a check shared by
+the fitted attacks' tests."""
 import gzip
 import struct
 
@@ -42,6 +43,19 @@ def write_synthetic_idx_dataset(root, n_train=2000, n_test=300, seed=0):
 def synthetic_root(tmp_path_factory):
     """A folder that loads as ``fashion-mnist`` with ``root=`` / ``--data-root``."""
     return write_synthetic_idx_dataset(tmp_path_factory.mktemp("synthetic-fashion"))
+
+
+def check_registered_fitted_dirty_label(*names: str) -> None:
+    """Each attack is registered, learns its trigger (refusing to apply it before fit) and is
+    dirty label."""
+    from eigenguard.attacks import NotFittedError, create_attack, list_attacks
+
+    assert set(names) <= set(list_attacks())
+    for name in names:
+        attack = create_attack(name)
+        assert attack.needs_fit and not attack.clean_label
+        with pytest.raises(NotFittedError):
+            attack.apply(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
 
 
 @pytest.fixture(autouse=True)

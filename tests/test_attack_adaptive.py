@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import eigenguard.attacks.adaptive as adaptive
-from eigenguard.attacks import NotFittedError, create_attack, list_attacks
+from conftest import check_registered_fitted_dirty_label
+from eigenguard.attacks import create_attack
 from eigenguard.attacks.badnets import BadNets
 from eigenguard.attacks.helpers import clear_helper_cache
 from eigenguard.data import ImageSet, load_dataset
@@ -53,12 +54,7 @@ def whitebox(train_set):
 
 
 def test_both_are_registered_fitted_and_dirty_label():
-    assert {"adaptive-pgd", "adaptive-whitebox"} <= set(list_attacks())
-    for name in ("adaptive-pgd", "adaptive-whitebox"):
-        attack = create_attack(name)
-        assert attack.needs_fit and not attack.clean_label
-        with pytest.raises(NotFittedError):
-            attack.apply(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    check_registered_fitted_dirty_label("adaptive-pgd", "adaptive-whitebox")
 
 
 def test_defaults_record_the_helper_the_layer_and_the_budgets():

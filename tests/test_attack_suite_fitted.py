@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eigenguard.attacks import NotFittedError, create_attack, list_attacks
+from conftest import check_registered_fitted_dirty_label
+from eigenguard.attacks import create_attack
 from eigenguard.attacks.helpers import (HelperSpec, build_helper, clear_helper_cache,
                                         helper_subset, penultimate, train_clean_helper)
 from eigenguard.attacks.lf import add_pattern, frequency_radius, high_frequency_energy, low_pass
@@ -50,12 +51,7 @@ def train_set(synthetic_root):
 
 
 def test_both_are_registered_fitted_and_dirty_label():
-    assert {"lf", "trojannn"} <= set(list_attacks())
-    for name in ("lf", "trojannn"):
-        attack = create_attack(name)
-        assert attack.needs_fit and not attack.clean_label
-        with pytest.raises(NotFittedError):
-            attack.apply(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    check_registered_fitted_dirty_label("lf", "trojannn")
 
 
 def test_defaults_record_the_helper_and_the_steps():

@@ -115,6 +115,7 @@ from ..layer import SCALES, check_k, find_guards, guard
 from ..models import create_model
 from ..seeding import generator, stream_seed
 from ..train import TrainConfig, train
+from .aimed import TargetedFit
 from .badnets import BadNets
 from .base import Attack, PoisonedSet, check_images, is_integer, is_real
 from .helpers import (cached_fit, check_helper_settings, data_fingerprint, helper_input,
@@ -446,7 +447,7 @@ def non_target_pool(train: ImageSet, target: int) -> torch.Tensor:
 
 @register_attack("adaptive-whitebox")
 @dataclass
-class AdaptiveWhitebox(GuardedHelperAttack):
+class AdaptiveWhitebox(GuardedHelperAttack, TargetedFit):
     """x' = clip(round(x + v), 0, 255), v (|v| ≤ eps) optimised through a helper trained with
     EigenGuard, its layer in running mode, to reach the target after the filter; dirty label."""
 
@@ -465,39 +466,21 @@ class AdaptiveWhitebox(GuardedHelperAttack):
         if not is_integer(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"AdaptiveWhitebox batch_size must be an integer >= 1 (images per "
                              f"step), got {self.batch_size!r}")
-        if self.target is not None and (not is_integer(self.target) or self.target < 0):
-            raise ValueError(f"AdaptiveWhitebox target must be an integer >= 0 (the class the "
-                             f"trigger aims at) or None for the run's target, got "
-                             f"{self.target!r}")
+        self._init_target("the class the trigger aims at")
         self._check_helper("AdaptiveWhitebox")
         self.step_size, self.batch_size = float(self.step_size), int(self.batch_size)
-        self.target = None if self.target is None else int(self.target)
-        self._fit_context = None
 
-    # -- fitting -------------------------------------------------------------------------------
+    # -- fitting (fit, for_target and poison: TargetedFit, with the guarded helper) ------------
 
-    def fit(self, train: ImageSet, *, seed: int = 0,
-            device: str | torch.device = "cpu") -> "AdaptiveWhitebox":
-        """Train the guarded helper (cached in-process) and optimise the pattern towards
-        ``target`` (class 0 while it is None, until :meth:`poison` names the run's target)."""
+    def _check_fit_data(self, train: ImageSet) -> None:
         if len(train) == 0:
             raise ValueError("AdaptiveWhitebox learns its trigger from the training set, which "
                              "is empty")
-        aim = 0 if self.target is None else self.target
-        self._check_target(aim, train.num_classes, train.name)
-        helper = self.helper(train, seed, device)
-        self._fit_context = (train, seed, helper)
-        self._aim(aim)
-        return self
-
-    @staticmethod
-    def _check_target(target: int, classes: int, name: str) -> None:
-        if not 0 <= target < classes:
-            raise ValueError(f"AdaptiveWhitebox target {target} is out of range for {name} "
-                             f"({classes} classes)")
 
     def _aim(self, target: int) -> None:
-        train, seed, helper = self._fit_context
+        """Optimise the pattern towards ``target`` through the fit's guarded helper (cached
+        in-process)."""
+        train, seed, _, helper = self._fit_context
 
         def compute():
             pattern = self.optimise(helper, train, target, seed)
@@ -531,28 +514,6 @@ class AdaptiveWhitebox(GuardedHelperAttack):
                 v = (v.detach() - alpha * grad.sign()).clamp(-self.eps, self.eps)
         return v.cpu()
 
-    def for_target(self, target: int) -> "AdaptiveWhitebox":
-        """Aim the pattern at ``target`` (re-optimised with the fit's helper when it differs);
-        returns self. :meth:`poison` calls it with the run's target."""
-        self.check_fitted()
-        if self.target is not None or int(self.target_[0]) == target:
-            return self
-        if self._fit_context is None:
-            raise ValueError(f"this AdaptiveWhitebox trigger aims at class "
-                             f"{int(self.target_[0])} and was restored from a saved state, "
-                             f"which has no helper model to re-optimise it for class {target}: "
-                             f"poison with target {int(self.target_[0])}, or fit the attack "
-                             f"again")
-        train = self._fit_context[0]
-        self._check_target(target, train.num_classes, train.name)
-        self._aim(target)
-        return self
-
-    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "AdaptiveWhitebox":
-        """Restore a saved pattern; the attack then has no helper to re-aim it with."""
-        self._fit_context = None
-        return super().load_fitted_state(state)
-
     # -- the trigger ---------------------------------------------------------------------------
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
@@ -560,14 +521,6 @@ class AdaptiveWhitebox(GuardedHelperAttack):
         self.check_fitted()
         _check_shape("AdaptiveWhitebox", self.pattern_.shape, images, "add its pattern to")
         return add_pattern(images, self.pattern_)
-
-    def poison(self, train: ImageSet, ratio: float, target: int, seed: int, pool: str = "all",
-               label_mode: str = "all-to-one"):
-        """Aim the pattern at ``target`` (:meth:`for_target`; in all-to-all mode at the run's
-        nominal target), then poison as the base class does (dirty label)."""
-        self.check_fitted()
-        self.for_target(target)
-        return super().poison(train, ratio, target, seed, pool, label_mode=label_mode)
 
 
 def fooling_rates(helper: nn.Module, train: ImageSet, pattern: torch.Tensor,

@@ -163,18 +163,13 @@ class BppBatches(BatchPoisoner):
     """BppAttack's training-controlled mode: quantised samples relabelled to the target, and
     ``neg_ratio`` · B negatives (another image's quantisation residual, labels kept)."""
 
-    def __init__(self, attack: BppAttack, target: int, seed: int, plan: PoisonPlan):
-        super().__init__("BppAttack", target, seed, plan, "bpp-batches")
-        self.attack = attack
+    stream = "bpp-batches"
 
     def extra_count(self, batch_size: int, poisoned: int) -> int:
         return int(round(self.attack.neg_ratio * batch_size))
 
     def edit(self, state, batch, poisoned, extra):
-        images = batch.images.clone()
-        if len(poisoned):
-            rows = poisoned.to(images.device)
-            images[rows] = to_float(self.attack.apply(to_uint8(images[rows])), images)
+        images = self.trigger_rows(batch, poisoned)
         if len(extra):
             donors = other_rows(extra, len(batch), self.draw).to(images.device)
             rows = extra.to(images.device)

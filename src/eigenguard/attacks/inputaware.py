@@ -98,9 +98,10 @@ from torch import nn
 from ..data import ImageSet
 from ..seeding import generator, stream_seed
 from ..train import Batch, TrainConfig, TrainState, train
-from .base import Attack, PoisonedSet, check_images, is_integer, is_real
+from .aimed import TargetedFit
+from .base import PoisonedSet, check_images, is_integer, is_real
 from .helpers import (cached_fit, check_helper_settings, helper_input, helper_subset,
-                      single_thread, train_clean_helper)
+                      single_thread)
 from .registry import register_attack
 from .training_mode import (BatchPoisoner, PoisonPlan, check_mode, other_rows, plan_for,
                             refuse_all_to_all)
@@ -228,9 +229,10 @@ class InputAwareBatches(BatchPoisoner):
     """Step 2 as a training hook: poisons each batch with the generator's own triggers and cross
     samples, and trains the generator alongside the classifier being trained."""
 
+    stream = "inputaware-batches"
+
     def __init__(self, attack: "InputAware", target: int, seed: int, plan: PoisonPlan):
-        super().__init__("InputAware", target, seed, plan, "inputaware-batches")
-        self.attack = attack
+        super().__init__(attack, target, seed, plan)
         self.optimiser = torch.optim.Adam(attack.generator_.parameters(), lr=attack.lr,
                                           betas=BETAS)
         self.diversity = None
@@ -282,11 +284,12 @@ class InputAwareBatches(BatchPoisoner):
 
 @register_attack("inputaware")
 @dataclass
-class InputAware(Attack):
+class InputAware(TargetedFit):
     """x' = x + m(x) · (G(x) − x): an input-specific pattern G(x) through a sparse input-specific
     mask m(x); dirty label, with cross-mode samples."""
 
-    needs_fit = True
+    #: all-to-all poisons with the generator as it is
+    aim_all_to_all = False
 
     mode: str = "data"
     target: int | None = None
@@ -308,6 +311,7 @@ class InputAware(Attack):
     def __post_init__(self):
         check_mode("InputAware", self.mode)
         self._check_settings()
+        self._init_target("the class the generator is trained for")
         check_helper_settings("InputAware", self.helper_model, self.helper_width,
                               self.helper_epochs, self.helper_train_size)
         for name in ("cross_ratio", "mask_density", "lambda_div", "lambda_norm", "lr"):
@@ -315,9 +319,7 @@ class InputAware(Attack):
         for name in ("mask_epochs", "epochs", "train_size", "batch_size", "width",
                      "helper_width", "helper_epochs", "helper_train_size"):
             setattr(self, name, int(getattr(self, name)))
-        self.target = None if self.target is None else int(self.target)
         self.generator_ = self.mask_ = None
-        self._fit_context = None
         self._plan = None
 
     def _check_settings(self) -> None:
@@ -345,43 +347,25 @@ class InputAware(Attack):
             if not is_integer(value) or value < low:
                 raise ValueError(f"InputAware {name} must be an integer >= {low} ({what}), got "
                                  f"{value!r}")
-        if self.target is not None and (not is_integer(self.target) or self.target < 0):
-            raise ValueError(f"InputAware target must be an integer >= 0 (the class the "
-                             f"generator is trained for) or None for the run's target, got "
-                             f"{self.target!r}")
 
     def check_label_mode_supported(self, label_mode: str) -> None:
         super().check_label_mode_supported(label_mode)
         refuse_all_to_all("InputAware", self.mode, label_mode)
 
-    # -- fitting -------------------------------------------------------------------------------
+    # -- fitting (fit and for_target: TargetedFit) ---------------------------------------------
 
-    def fit(self, train: ImageSet, *, seed: int = 0,
-            device: str | torch.device = "cpu") -> "InputAware":
-        """The clean helper, the mask network, then the generator trained jointly with the helper
-        for ``target`` (class 0 while it is None, until :meth:`poison` names the run's)."""
+    def _check_fit_data(self, train: ImageSet) -> None:
         if len(train) < 2:
             raise ValueError("InputAware learns its networks from the training set, which needs "
                              f"at least 2 images (pairs for the diversity loss), got {len(train)}")
-        aim = 0 if self.target is None else self.target
-        self._check_target(aim, train)
-        helper = train_clean_helper(train, seed=seed, model=self.helper_model,
-                                    width=self.helper_width, epochs=self.helper_epochs,
-                                    train_size=self.helper_train_size, device=device)
-        self._fit_context = (train, seed, device, helper)
-        self._aim(aim)
-        return self
-
-    def _check_target(self, target: int, train: ImageSet) -> None:
-        if not 0 <= target < train.num_classes:
-            raise ValueError(f"InputAware target {target} is out of range for {train.name} "
-                             f"({train.num_classes} classes)")
 
     def _mask_settings(self) -> tuple:
         return (self.mask_density, self.lambda_div, self.lambda_norm, self.mask_epochs,
                 self.train_size, self.batch_size, self.lr, self.width)
 
     def _aim(self, target: int) -> None:
+        """The mask network, then the generator trained jointly with a copy of the fit's clean
+        helper for ``target`` (both cached in-process)."""
         train, seed, device, helper = self._fit_context
         subset = train.subset(helper_subset(train, self.train_size, seed))
         shape = tuple(train.images.shape[1:])
@@ -435,21 +419,6 @@ class InputAware(Attack):
         rate = hits.mean().view(1).cpu() if len(others) else torch.zeros(1, dtype=torch.float64)
         return {"density_": density.double().view(1).cpu(), "surrogate_asr_": rate}
 
-    def for_target(self, target: int) -> "InputAware":
-        """Train the generator for ``target`` (with the fit's helper and mask) when it is not the
-        one the current generator was trained for; returns self."""
-        self.check_fitted()
-        if self.target is not None or int(self.target_[0]) == target:
-            return self
-        if self._fit_context is None:
-            raise ValueError(f"this InputAware generator was trained for class "
-                             f"{int(self.target_[0])} and restored from a saved state, which has "
-                             f"no helper model to train it for class {target}: use target "
-                             f"{int(self.target_[0])}, or fit the attack again")
-        self._check_target(target, self._fit_context[0])
-        self._aim(target)
-        return self
-
     # -- fitted state --------------------------------------------------------------------------
 
     def fitted_state(self) -> dict[str, torch.Tensor]:
@@ -460,7 +429,8 @@ class InputAware(Attack):
                 "density_": self.density_.clone(), "surrogate_asr_": self.surrogate_asr_.clone()}
 
     def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "InputAware":
-        """Rebuild both networks from their saved weights (built for ``shape_``)."""
+        """Rebuild both networks from their saved weights (built for ``shape_``). :meth:`_aim`
+        loads its result through here too, so the fit's helper is kept."""
         known = {"shape_", "target_", "density_", "surrogate_asr_"}
         unknown = [name for name in state if name not in known
                    and not name.startswith(("generator.", "mask."))]
@@ -520,13 +490,10 @@ class InputAware(Attack):
 
     def poison(self, train: ImageSet, ratio: float, target: int, seed: int, pool: str = "all",
                label_mode: str = "all-to-one") -> InputAwarePoisonedSet:
-        """Train the generator for ``target`` if needed (:meth:`for_target`), poison as the base
-        class does, then give ``round(cross_ratio · poisoned)`` other samples the trigger of
-        another training image, keeping their labels (``noise_indices``)."""
+        """Train the generator for ``target`` if needed (:meth:`for_target`, all-to-one only),
+        poison as the base class does, then give ``round(cross_ratio · poisoned)`` other samples
+        the trigger of another training image, keeping their labels (``noise_indices``)."""
         self.check_label_mode_supported(label_mode)
-        self.check_fitted()
-        if label_mode == "all-to-one":
-            self.for_target(target)
         poisoned = super().poison(train, ratio, target, seed, pool, label_mode=label_mode)
         cross = self._cross_rows(poisoned, seed)
         images = poisoned.data.images.clone()

@@ -86,9 +86,9 @@ import torch.nn.functional as F
 
 from ..data import ImageSet
 from ..seeding import generator
-from .base import Attack, check_images, is_integer, is_real
-from .helpers import (cached_fit, check_helper_settings, helper_input, single_thread,
-                      train_clean_helper)
+from .aimed import TargetedFit
+from .base import check_images, is_integer, is_real
+from .helpers import cached_fit, check_helper_settings, helper_input, single_thread
 from .registry import register_attack
 
 #: images used to measure the fooling rate on the helper
@@ -138,11 +138,9 @@ def add_pattern(images: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
 
 @register_attack("lf")
 @dataclass
-class LF(Attack):
+class LF(TargetedFit):
     """x' = clip(round(x + v), 0, 255), v a low-pass targeted universal perturbation of a clean
     helper model with |v| ≤ eps; dirty label."""
-
-    needs_fit = True
 
     eps: float = 51.0
     cutoff: float = 3.0
@@ -171,41 +169,24 @@ class LF(Attack):
         if not is_integer(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"LF batch_size must be an integer >= 1 (images per step), got "
                              f"{self.batch_size!r}")
-        if self.target is not None and (not is_integer(self.target) or self.target < 0):
-            raise ValueError(f"LF target must be an integer >= 0 (the class the perturbation "
-                             f"aims at) or None for the run's target, got {self.target!r}")
+        self._init_target("the class the perturbation aims at")
         check_helper_settings("LF", self.helper_model, self.helper_width, self.helper_epochs,
                               self.helper_train_size)
         self.eps, self.cutoff, self.step_size = (float(self.eps), float(self.cutoff),
                                                  float(self.step_size))
         self.steps, self.batch_size = int(self.steps), int(self.batch_size)
-        self.target = None if self.target is None else int(self.target)
         self.helper_width, self.helper_epochs = int(self.helper_width), int(self.helper_epochs)
         self.helper_train_size = int(self.helper_train_size)
-        self._fit_context = None
 
     # -- fitting -------------------------------------------------------------------------------
 
-    def fit(self, train: ImageSet, *, seed: int = 0, device: str | torch.device = "cpu") -> "LF":
-        """Train the clean helper (cached in-process) and compute the perturbation towards
-        ``target`` (class 0 while it is None, until :meth:`poison` names the run's target)."""
+    def _check_fit_data(self, train: ImageSet) -> None:
         if len(train) == 0:
             raise ValueError("LF learns its perturbation from the training set, which is empty")
-        aim = 0 if self.target is None else self.target
-        self._check_target(aim, train)
-        helper = train_clean_helper(train, seed=seed, model=self.helper_model,
-                                    width=self.helper_width, epochs=self.helper_epochs,
-                                    train_size=self.helper_train_size, device=device)
-        self._fit_context = (train, seed, device, helper)
-        self._aim(aim)
-        return self
-
-    def _check_target(self, target: int, train: ImageSet) -> None:
-        if not 0 <= target < train.num_classes:
-            raise ValueError(f"LF target {target} is out of range for {train.name} "
-                             f"({train.num_classes} classes)")
 
     def _aim(self, target: int) -> None:
+        """Compute the perturbation towards ``target`` with the fit's helper (cached
+        in-process)."""
         train, seed, device, helper = self._fit_context
 
         def compute():
@@ -261,26 +242,6 @@ class LF(Attack):
             pattern = pattern * (self.eps / largest)
         return pattern
 
-    def for_target(self, target: int) -> "LF":
-        """Aim the perturbation at ``target`` (recomputed with the fit's helper when it differs
-        from the current one); returns self. :meth:`poison` calls it with the run's target."""
-        self.check_fitted()
-        if self.target is not None or int(self.target_[0]) == target:
-            return self
-        if self._fit_context is None:
-            raise ValueError(f"this LF perturbation aims at class {int(self.target_[0])} and "
-                             f"was restored from a saved state, which has no helper model to "
-                             f"recompute it for class {target}: poison with target "
-                             f"{int(self.target_[0])}, or fit the attack again")
-        self._check_target(target, self._fit_context[0])
-        self._aim(target)
-        return self
-
-    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> "LF":
-        """Restore a saved perturbation; the attack then has no helper to re-aim it with."""
-        self._fit_context = None
-        return super().load_fitted_state(state)
-
     # -- the trigger ---------------------------------------------------------------------------
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
@@ -291,13 +252,3 @@ class LF(Attack):
                              f"(C, H, W) and cannot add its perturbation to images of shape "
                              f"{tuple(images.shape[1:])}: fit it on images of that shape")
         return add_pattern(images, self.pattern_)
-
-    # -- poisoning -----------------------------------------------------------------------------
-
-    def poison(self, train: ImageSet, ratio: float, target: int, seed: int, pool: str = "all",
-               **kwargs):
-        """Aim the perturbation at ``target`` (:meth:`for_target`), then poison as the base class
-        does (dirty label)."""
-        self.check_fitted()
-        self.for_target(target)
-        return super().poison(train, ratio, target, seed, pool, **kwargs)

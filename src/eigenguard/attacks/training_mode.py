@@ -35,7 +35,7 @@ import torch
 from ..data import ImageSet
 from ..seeding import generator
 from ..train import Batch, TrainHook, TrainState
-from .base import POISON_POOLS, PoisonedSet, is_real
+from .base import POISON_POOLS, Attack, PoisonedSet, is_real
 
 #: the threat models: the attack hands over data, or it also controls training
 MODES = ("data", "training")
@@ -105,16 +105,21 @@ class BatchPoisoner(TrainHook):
     """Poisons every training batch: ``round(ratio · B)`` samples triggered and relabelled to the
     target, then the extra samples (labels kept), each set drawn from the hook's generator.
 
-    Subclasses say how many extra samples a batch gets (:meth:`extra_count`) and make the
-    triggered and extra images (:meth:`edit`). ``last_rows`` holds the rows of the last batch
-    (poisoned, extra), for audits and tests.
+    Subclasses name their seed stream (``stream``), say how many extra samples a batch gets
+    (:meth:`extra_count`) and make the triggered and extra images (:meth:`edit`, which may start
+    from :meth:`trigger_rows`). ``last_rows`` holds the rows of the last batch (poisoned, extra),
+    for audits and tests.
     """
 
-    def __init__(self, owner: str, target: int, seed: int, plan: PoisonPlan, stream: str):
+    #: the name of the seed stream the hook draws its rows from
+    stream: str = ""
+
+    def __init__(self, attack: Attack, target: int, seed: int, plan: PoisonPlan):
         if plan.pool not in POISON_POOLS:
             raise ValueError(f"poison pool must be one of {POISON_POOLS}, got {plan.pool!r}")
-        self.owner, self.target, self.plan = owner, int(target), plan
-        self.draw = generator(seed, stream)
+        self.attack, self.owner = attack, type(attack).__name__
+        self.target, self.plan = int(target), plan
+        self.draw = generator(seed, self.stream)
         self.last_rows = (torch.zeros(0, dtype=torch.int64),) * 2
 
     def extra_count(self, batch_size: int, poisoned: int) -> int:
@@ -125,6 +130,15 @@ class BatchPoisoner(TrainHook):
         """The batch's images with rows ``poisoned`` triggered and rows ``extra`` made extra
         samples (a new tensor; labels are the caller's)."""
         raise NotImplementedError
+
+    def trigger_rows(self, batch: Batch, poisoned: torch.Tensor) -> torch.Tensor:
+        """A copy of the batch's images with rows ``poisoned`` given the attack's trigger
+        (:meth:`~eigenguard.attacks.base.Attack.apply` on their uint8 values)."""
+        images = batch.images.clone()
+        if len(poisoned):
+            rows = poisoned.to(images.device)
+            images[rows] = to_float(self.attack.apply(to_uint8(images[rows])), images)
+        return images
 
     def on_batch(self, state: TrainState, batch: Batch) -> Batch:
         batch = self.restore(state, batch)

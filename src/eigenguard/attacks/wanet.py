@@ -245,18 +245,13 @@ class WaNetBatches(BatchPoisoner):
     """WaNet's training-controlled mode: warped samples relabelled to the target, and
     ``cross_ratio`` × as many noise-mode samples (perturbed field, labels kept)."""
 
-    def __init__(self, attack: WaNet, target: int, seed: int, plan: PoisonPlan):
-        super().__init__("WaNet", target, seed, plan, "wanet-batches")
-        self.attack = attack
+    stream = "wanet-batches"
 
     def extra_count(self, batch_size: int, poisoned: int) -> int:
         return int(round(self.attack.cross_ratio * poisoned))
 
     def edit(self, state, batch, poisoned, extra):
-        images = batch.images.clone()
-        if len(poisoned):
-            rows = poisoned.to(images.device)
-            images[rows] = to_float(self.attack.apply(to_uint8(images[rows])), images)
+        images = self.trigger_rows(batch, poisoned)
         if len(extra):
             rows = extra.to(images.device)
             noisy = self.attack._warp(to_uint8(images[rows]), noise=self.draw)
