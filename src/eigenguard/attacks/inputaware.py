@@ -43,8 +43,8 @@ Two threat models (the ``mode`` setting; :mod:`eigenguard.attacks.training_mode`
   batch (the run's poison ratio, which :meth:`poison` passes on) and adding ``round(cross_ratio ·
   that)`` cross samples; the fitted state saved after training holds the generator evaluation
   applies. Training mode relabels to one target, so all-to-all is refused (data mode's
-  all-to-all uses the generator trained for the run's nominal target as a fixed trigger
-  generator). The paper trains G from scratch with the victim; here it starts
+  all-to-all uses the generator of the fit, trained for ``target`` or class 0 when it is None,
+  as a fixed trigger generator). The paper trains G from scratch with the victim; here it starts
   from the fit, so that the set :meth:`poison` materialises for defenses that inspect data (the
   data mode's set, made before training) carries a trained trigger, close to the final one. The
   hook puts those samples back clean while the victim trains on that set.
