@@ -22,7 +22,7 @@ from eigenguard.attacks import create_attack
 from eigenguard.attacks.badnets import BadNets
 from eigenguard.attacks.helpers import clear_helper_cache
 from eigenguard.data import ImageSet, load_dataset
-from eigenguard.layer import find_guards
+from eigenguard.layer import find_guards, guards_in_mode
 from eigenguard.seeding import generator
 
 HELPER = dict(helper_width=8, helper_epochs=8, helper_train_size=400)
@@ -120,7 +120,7 @@ def test_the_helper_carries_the_layer_is_cached_and_shared(train_set, pgd, white
     accuracy = (adaptive.predict(helper, train_set.images, train_set) == train_set.labels)
     print(f"guarded helper: training accuracy {accuracy.double().mean():.3f} (running mode)")
     assert accuracy.double().mean() > 0.3  # it learned something (chance is 0.1)
-    with adaptive.guard_mode(helper, "batch"):
+    with guards_in_mode(helper, "batch"):
         assert layer.eval_mode == "batch"
     assert layer.eval_mode == "running"
 

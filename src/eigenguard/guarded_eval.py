@@ -13,7 +13,7 @@ from torch import nn
 
 from .data import ImageSet
 from .evaluate import TriggeredTestSet, batch_logits, mixed_companions, naive_mixed_logits
-from .layer import EigenGuard, find_guards
+from .layer import EigenGuard, find_guards, guards_in_mode
 from .progress import Progress
 from .train import model_input
 
@@ -31,21 +31,6 @@ def protocols_for(model: nn.Module) -> tuple[str, ...]:
     if all(layer.has_running_stats for layer in guards):
         return tuple(PROTOCOL_MODES)
     return tuple(p for p in PROTOCOL_MODES if p != "running")
-
-
-@contextmanager
-def guards_in_mode(model: nn.Module, mode: str):
-    """Set every EigenGuard layer's eval_mode for the duration of an evaluation."""
-    guards = [layer for _, layer in find_guards(model)]
-    saved = [layer.eval_mode for layer in guards]
-    for layer in guards:
-        layer.eval_mode = mode
-    try:
-        yield
-    finally:
-        for layer, saved_mode in zip(guards, saved):
-            layer.eval_mode = saved_mode
-
 
 
 class _Captured(Exception):

@@ -29,6 +29,7 @@ input's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 import math
@@ -623,3 +624,18 @@ def guard(model: nn.Module, after: str, **settings) -> EigenGuard:
 def find_guards(model: nn.Module) -> list[tuple[str, EigenGuard]]:
     """Every EigenGuard layer in a model, with its module name."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, EigenGuard)]
+
+
+@contextlib.contextmanager
+def guards_in_mode(model: nn.Module, mode: str):
+    """Set every EigenGuard layer's eval_mode inside the block (an evaluation protocol, an
+    attack probing a guarded helper), and restore each layer's own afterwards."""
+    guards = [layer for _, layer in find_guards(model)]
+    saved = [layer.eval_mode for layer in guards]
+    for layer in guards:
+        layer.eval_mode = mode
+    try:
+        yield model
+    finally:
+        for layer, saved_mode in zip(guards, saved):
+            layer.eval_mode = saved_mode

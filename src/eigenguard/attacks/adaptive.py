@@ -103,7 +103,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +110,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import ImageSet
-from ..layer import SCALES, check_k, find_guards, guard
+from ..layer import SCALES, check_k, guard, guards_in_mode
 from ..models import create_model
 from ..seeding import generator, stream_seed
 from ..train import TrainConfig, train
@@ -203,27 +202,13 @@ def restore_helper(spec: GuardedHelperSpec, in_channels: int, num_classes: int,
     return model
 
 
-@contextmanager
-def guard_mode(model: nn.Module, mode: str):
-    """Evaluate every EigenGuard layer of ``model`` in ``mode`` inside the block."""
-    layers = [layer for _, layer in find_guards(model)]
-    previous = [layer.eval_mode for layer in layers]
-    for layer in layers:
-        layer.eval_mode = mode
-    try:
-        yield model
-    finally:
-        for layer, mode_before in zip(layers, previous):
-            layer.eval_mode = mode_before
-
-
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, data: ImageSet, mode: str = "running",
             batch: int = CHUNK) -> torch.Tensor:
     """The helper's predicted classes for images on 0..255, its layer in ``mode``, ``batch``
     images per forward pass (the batch matters in "batch" mode only); one CPU thread."""
     device = next(model.parameters()).device
-    with guard_mode(model, mode), single_thread():
+    with guards_in_mode(model, mode), single_thread():
         return torch.cat([model(helper_input(images[start:start + batch].to(device), data))
                           .argmax(1).cpu() for start in range(0, len(images), batch)])
 
@@ -503,7 +488,7 @@ class AdaptiveWhitebox(GuardedHelperAttack, TargetedFit):
         batch = min(self.batch_size, len(pool))
         labels = torch.full((batch,), target, dtype=torch.int64, device=device)
         v = torch.zeros(train.images.shape[1:], device=device)
-        with guard_mode(helper, "running"):
+        with guards_in_mode(helper, "running"):
             for step in range(self.steps):
                 chosen = pool[torch.randperm(len(pool), generator=draw)[:batch]]
                 x = train.images[chosen].to(device).float()
