@@ -111,3 +111,11 @@ def test_the_command_refuses_an_unknown_attack(tmp_path, synthetic_root, capsys)
                  "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_long_title_keeps_its_kind_and_fit_and_says_that_it_was_cut(tmp_path):
+    from eigenguard.attacks import create_attack
+    from eigenguard.gallery import describe_attack
+    attack = create_attack("lf")
+    title = describe_attack("lf", attack, fitted_on=2000)
+    assert title.startswith("lf — dirty label, fitted on 2,000 training images (seed 0): eps=51.0")

@@ -158,7 +158,10 @@ def write_gallery(attack, images: torch.Tensor, path, title: str, *,
         # DejaVu Sans text averages about 0.55 em a character (measured on these titles);
         # 0.58 / 0.62 (bold) leaves a margin. A point is DPI / 72 pixels.
         per_char = points * DPI / 72 * (0.62 if bold else 0.58)
-        return "\n".join(textwrap.wrap(text, max(30, int((width - 24) / per_char)))[:lines])
+        wrapped = textwrap.wrap(text, max(30, int((width - 24) / per_char)))
+        if len(wrapped) > lines:  # say that the text goes on rather than cut it silently
+            wrapped = wrapped[:lines - 1] + [wrapped[lines - 1].rstrip(",") + " …"]
+        return "\n".join(wrapped)
 
     title_lines = wrap(title, 11, 2, bold=True).split("\n")
     fig.text(12 / width, 1 - 8 / height, "\n".join(title_lines), ha="left", va="top",
@@ -210,9 +213,10 @@ def fit_subset(train, size: int = FIT_SIZE, seed: int = 0):
 
 
 def describe_attack(name: str, attack, fitted_on: int | None = None) -> str:
-    """The figure's title: the attack, its settings, its kind and what it was fitted on."""
+    """The figure's title: the attack, its kind and what it was fitted on, then its settings
+    (last, so that a list too long for the title's two lines is what gets cut)."""
     settings = ", ".join(f"{k}={v}" for k, v in attack.settings().items())
     kind = "clean label" if attack.clean_label else "dirty label"
-    fitted = (f"; fitted on {fitted_on:,} training images (seed 0)"
+    fitted = (f", fitted on {fitted_on:,} training images (seed 0)"
               if attack.needs_fit and fitted_on else "")
-    return f"{name} ({settings}) — {kind}{fitted}"
+    return f"{name} — {kind}{fitted}: {settings}"
