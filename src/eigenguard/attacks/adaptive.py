@@ -221,14 +221,15 @@ class GuardedHelperAttack(Attack):
 
     needs_fit = True
 
-    helper_model: str = "small_cnn"
-    helper_width: int = 16
-    helper_epochs: int = 4
-    helper_train_size: int = 30000
-    guard_after: str = "block1"
-    guard_k: int = 16
-    guard_tail_scale: float = 1e-3
-    guard_scale: str = "kth"
+    # the defaults are the guarded helper's own, written once in GuardedHelperSpec
+    helper_model: str = GuardedHelperSpec.model
+    helper_width: int = GuardedHelperSpec.width
+    helper_epochs: int = GuardedHelperSpec.epochs
+    helper_train_size: int = GuardedHelperSpec.train_size
+    guard_after: str = GuardedHelperSpec.after
+    guard_k: int = GuardedHelperSpec.k
+    guard_tail_scale: float = GuardedHelperSpec.tail_scale
+    guard_scale: str = GuardedHelperSpec.scale
 
     def _check_helper(self, owner: str) -> None:
         check_helper_settings(owner, self.helper_model, self.helper_width, self.helper_epochs,
