@@ -17,7 +17,7 @@ def svd_definition(features, k, tail_scale=1e-3, scale="kth", rank_rtol=1e-5):
     if rank <= k:  # k or fewer nonzero singular values: nothing to damp, the batch passes
         return features.double()
     new = s * tail_scale
-    new[:k] = s[k - 1] if scale == "kth" else s[:k].mean()
+    new[:k] = {"kth": s[k - 1], "mean": s[:k].mean(), "zero": 0.0}[scale]
     return ((u * new) @ vh).reshape(features.shape)
 
 
@@ -27,7 +27,7 @@ def low_rank(b, d, rank, seed=0):
 
 
 @pytest.mark.parametrize("b,d,k", [(128, 300, 32), (64, 1000, 10), (20, 15, 4), (128, 6272, 32)])
-@pytest.mark.parametrize("scale", ["kth", "mean"])
+@pytest.mark.parametrize("scale", ["kth", "mean", "zero"])
 def test_matches_svd_definition_on_random_features(b, d, k, scale):
     x = torch.randn(b, d, generator=torch.Generator().manual_seed(b + d), dtype=torch.float64)
     out = spectral_filter(x, k, scale=scale)
@@ -61,6 +61,15 @@ def test_top_k_share_one_scale_and_tail_is_damped():
     s_out = torch.linalg.svdvals(spectral_filter(x, 8, tail_scale=1e-3))
     assert torch.allclose(s_out[:8], s[7].expand(8), rtol=1e-9)
     assert torch.allclose(s_out[8:], s[8:] * 1e-3, rtol=1e-6)
+
+
+def test_zero_scale_removes_the_top_k_directions():
+    """The source's ablation: the top k singular values become 0, the tail is damped as usual."""
+    x = torch.randn(64, 200, dtype=torch.float64)
+    s = torch.linalg.svdvals(x)
+    s_out = torch.linalg.svdvals(spectral_filter(x, 8, tail_scale=0.1, scale="zero"))
+    assert torch.allclose(s_out[:56], s[8:] * 0.1, rtol=1e-6)
+    assert s_out[56:].max() < 1e-9 * s[0]
 
 
 def test_batch_of_one_passes_unchanged():
@@ -286,11 +295,12 @@ def test_running_subspace_keeps_the_top_r_directions_in_o_of_r_d_memory():
     assert overlap.min() > 0.999  # the dominant subspace is found
 
 
-def test_running_filter_from_one_batch_equals_the_batch_filter_on_that_batch():
+@pytest.mark.parametrize("scale", ["kth", "zero"])
+def test_running_filter_from_one_batch_equals_the_batch_filter_on_that_batch(scale):
     x = torch.randn(40, 90, dtype=torch.float64)
     basis, power = update_running_subspace(torch.zeros(0), torch.zeros(0), x, 1.0, rank=16)
-    out = running_filter(x, basis.double(), power, k=8)
-    assert torch.allclose(out, spectral_filter(x, 8), atol=1e-4)
+    out = running_filter(x, basis.double(), power, k=8, scale=scale)
+    assert torch.allclose(out, spectral_filter(x, 8, scale=scale), atol=1e-4)
 
 
 def test_running_mode_is_batch_independent_and_travels_in_the_state_dict(tmp_path):
@@ -341,7 +351,7 @@ def test_blocked_gram_is_the_float64_product(dtype):
                           atol=1e-4)
 
 
-@pytest.mark.parametrize("scale", ["kth", "mean"])
+@pytest.mark.parametrize("scale", ["kth", "mean", "zero"])
 def test_reference_svd_path_equals_the_fast_path(scale):
     x = torch.cat([low_rank(30, 200, rank=5), torch.randn(50, 200)])
     fast = spectral_filter(x, 16, scale=scale)

@@ -39,7 +39,9 @@ from torch import nn
 
 from .errors import MissingStatisticsError
 
-SCALES = ("kth", "mean")
+#: the common scale c of the top k singular values: the k-th one, their mean, or zero (the
+#: source's ablation: the top k directions removed instead of equalised)
+SCALES = ("kth", "mean", "zero")
 METHODS = ("gram", "svd")
 GRAD_MODES = ("detach", "full")
 EVAL_MODES = ("batch", "running", "identity")
@@ -168,7 +170,7 @@ def _weights_and_tail(gram, k, tail_scale, scale, rank_rtol, differentiable=Fals
         top = (torch.arange(n, device=gram.device) < k) & tail  # forced to the common scale
     # square roots only where the value is positive, so no infinite derivative appears elsewhere
     sigma = torch.where(top, power, torch.ones_like(power)).sqrt()
-    common = sigma[..., k - 1:k] if scale == "kth" else (sigma * top).sum(-1, keepdim=True) / k
+    common = _common_scale(sigma[..., k - 1:k], (sigma * top).sum(-1, keepdim=True) / k, scale)
     gain = torch.where(top, common / sigma - tail_scale, torch.zeros_like(sigma))
     weights = (vectors * gain.unsqueeze(-2)) @ vectors.transpose(-1, -2) + tail_scale * eye
     return torch.where(tail.unsqueeze(-1), weights, eye), tail
@@ -300,8 +302,11 @@ def _top_gains(sigma: torch.Tensor, k: int, tail_scale: float, scale: str, rank_
     if int(_nonzero(sigma, rank_rtol).sum()) <= k:
         return None
     top = sigma[:k]
-    common = top[-1] if scale == "kth" else top.mean()
-    return common / top - tail_scale
+    return _common_scale(top[-1], top.mean(), scale) / top - tail_scale
+
+
+def _common_scale(kth: torch.Tensor, mean: torch.Tensor, scale: str) -> torch.Tensor:
+    return kth if scale == "kth" else mean if scale == "mean" else torch.zeros_like(kth)
 
 
 @_autocast_off
@@ -401,7 +406,9 @@ class EigenGuard(nn.Module):
     Args:
         k: how many dominant directions are forced to one common scale.
         tail_scale: factor for the remaining singular values (the source uses 1e-3).
-        scale: the common scale, ``"kth"`` (the k-th singular value) or ``"mean"`` (mean of the top k).
+        scale: the common scale, ``"kth"`` (the k-th singular value), ``"mean"`` (mean of the top
+            k) or ``"zero"`` (the top k directions removed: the source's ablation, which its
+            rebuttal says costs clean accuracy).
         grad: ``"detach"``: the filter matrix is a constant in the backward pass; ``"full"``: the
             exact derivative through the eigendecomposition, near-equal eigenvalues safeguarded.
         eval_mode: what the layer does in ``model.eval()``: ``"running"`` (the default) filters each
