@@ -21,10 +21,10 @@ from eigenguard.attacks.ssba import DIAGNOSTICS, SSBA
 from eigenguard.data import ImageSet, load_dataset
 
 #: a fit whose decoder reads the secret back (held-out bit accuracy 0.995 to 1.0 at seeds 0-2)
-LEARNS = dict(bits=8, width=8, eps=16, fidelity_weight=0, train_size=640, epochs=5,
+LEARNS = dict(bits=8, width=8, eps=16, fidelity_weight=0, train_size=640, steps=100,
               batch_size=32, lr=3e-3)
 #: two optimiser steps: enough for shapes, bounds, determinism and the fitted state
-TINY = dict(bits=8, width=4, train_size=64, epochs=1, batch_size=32)
+TINY = dict(bits=8, width=4, train_size=64, steps=2, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def grey_set(n=64, seed=0):
 def test_defaults_and_kind():
     attack = SSBA()
     assert attack.settings() == {"bits": 32, "eps": 8.0, "fidelity_weight": 30.0, "width": 16,
-                                 "epochs": 3, "train_size": 16000, "batch_size": 64,
+                                 "steps": 750, "train_size": 16000, "batch_size": 64,
                                  "lr": 1e-3, "warmup": 0.5}
     assert attack.needs_fit and not attack.clean_label and not attack.is_fitted
     with pytest.raises(NotFittedError):
@@ -76,7 +76,7 @@ NAN = float("nan")
 @pytest.mark.parametrize("setting,value", [
     ("bits", 0), ("bits", -3), ("bits", 2.5), ("bits", True), ("eps", 0), ("eps", -1),
     ("eps", 256), ("eps", NAN), ("eps", "8"), ("fidelity_weight", -1),
-    ("fidelity_weight", NAN), ("width", 0), ("epochs", 0), ("epochs", -2),
+    ("fidelity_weight", NAN), ("width", 0), ("steps", 0), ("steps", -2),
     ("train_size", 0), ("train_size", -100), ("batch_size", 0), ("lr", 0), ("lr", -1e-3),
     ("warmup", -0.1), ("warmup", 1.5)])
 def test_bad_settings_are_refused_naming_the_setting(setting, value):
