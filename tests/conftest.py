@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic data set written in the MNIST idx format; and a check shared by
+"""Shared fixtures: a small synthetic data set written in the MNIST idx format; and checks shared by
 the fitted attacks' tests."""
 import gzip
 import struct
@@ -56,6 +56,39 @@ def check_registered_fitted_dirty_label(*names: str) -> None:
         assert attack.needs_fit and not attack.clean_label
         with pytest.raises(NotFittedError):
             attack.apply(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+
+
+def synthetic_train_subset(root, count: int):
+    """The first ``count`` images of the synthetic Fashion-MNIST stand-in (10 classes, 28×28)."""
+    from eigenguard.data import load_dataset
+
+    return load_dataset("fashion-mnist", "train", root=root).subset(torch.arange(count))
+
+
+def check_fit_is_deterministic_and_round_trips(name: str, settings: dict, train_set, tmp_path,
+                                               *, learned: str, state: set, seed: int = 1):
+    """Fitting twice under a seed (the in-process helper cache emptied between) gives the same
+    state; another seed changes the ``learned`` tensor; the state saved to a safetensors file
+    and loaded into a fresh attack holds exactly ``state`` and applies the same trigger.
+    Returns the restored attack."""
+    from safetensors.torch import load_file, save_file
+
+    from eigenguard.attacks import create_attack
+    from eigenguard.attacks.helpers import clear_helper_cache
+
+    first = create_attack(name, **settings).fit(train_set, seed=seed)
+    clear_helper_cache()
+    again = create_attack(name, **settings).fit(train_set, seed=seed)
+    for key, tensor in first.fitted_state().items():
+        assert torch.equal(again.fitted_state()[key], tensor), key
+    other = create_attack(name, **settings).fit(train_set, seed=seed + 1)
+    assert not torch.equal(getattr(other, learned), getattr(first, learned))
+    path = tmp_path / f"{name}.safetensors"
+    save_file(first.fitted_state(), str(path))
+    restored = create_attack(name, **settings).load_fitted_state(load_file(str(path)))
+    assert set(restored.fitted_state()) == state
+    assert torch.equal(restored.apply(train_set.images), first.apply(train_set.images))
+    return restored
 
 
 @pytest.fixture(autouse=True)

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import eigenguard.attacks.adaptive as adaptive
-from conftest import check_registered_fitted_dirty_label
+from conftest import (check_fit_is_deterministic_and_round_trips,
+                      check_registered_fitted_dirty_label, synthetic_train_subset)
 from eigenguard.attacks import create_attack
 from eigenguard.attacks.badnets import BadNets
 from eigenguard.attacks.helpers import clear_helper_cache
-from eigenguard.data import ImageSet, load_dataset
+from eigenguard.data import ImageSet
 from eigenguard.layer import find_guards, guards_in_mode
 from eigenguard.seeding import generator
 
@@ -39,8 +40,7 @@ TARGET = 0
 
 @pytest.fixture(scope="module")
 def train_set(synthetic_root):
-    """400 images of the synthetic Fashion-MNIST stand-in (10 classes, 28×28 grey)."""
-    return load_dataset("fashion-mnist", "train", root=synthetic_root).subset(torch.arange(400))
+    return synthetic_train_subset(synthetic_root, 400)
 
 
 @pytest.fixture(scope="module")
@@ -253,19 +253,9 @@ def test_pgd_is_deterministic_without_the_caches(train_set):
     assert torch.equal(fresh.poison(train_set, 0.1, 4, seed=1).data.images, expected)
 
 
-def test_whitebox_is_deterministic_and_its_state_round_trips(train_set, whitebox, tmp_path):
-    first = create_attack("adaptive-whitebox", **WHITEBOX_TINY).fit(train_set, seed=0)
-    clear_helper_cache()  # helper and pattern computed again
-    again = create_attack("adaptive-whitebox", **WHITEBOX_TINY).fit(train_set, seed=0)
-    for name, tensor in first.fitted_state().items():
-        assert torch.equal(again.fitted_state()[name], tensor)
-    other = create_attack("adaptive-whitebox", **WHITEBOX_TINY).fit(train_set, seed=1)
-    assert not torch.equal(other.pattern_, first.pattern_)
-    path = tmp_path / "adaptive-whitebox.safetensors"
-    save_file(whitebox.fitted_state(), str(path))
-    restored = create_attack("adaptive-whitebox", **WHITEBOX).load_fitted_state(
-        load_file(str(path)))
-    assert set(restored.fitted_state()) == {"pattern_", "target_", "fooling_rate_"}
-    assert torch.equal(restored.apply(train_set.images), whitebox.apply(train_set.images))
+def test_whitebox_is_deterministic_and_its_state_round_trips(train_set, tmp_path):
+    restored = check_fit_is_deterministic_and_round_trips(
+        "adaptive-whitebox", WHITEBOX_TINY, train_set, tmp_path, learned="pattern_",
+        state={"pattern_", "target_", "fooling_rate_"}, seed=0)
     with pytest.raises(ValueError, match=r"fitted on images of shape \(1, 28, 28\)"):
         restored.apply(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

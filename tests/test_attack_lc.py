@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from conftest import synthetic_train_subset
 from eigenguard.attacks import NotFittedError, create_attack, list_attacks
 from eigenguard.attacks.helpers import clear_helper_cache
 from eigenguard.attacks.lc import LC, AdversarialBatches, corner_pattern
-from eigenguard.data import ImageSet, load_dataset, normalize
+from eigenguard.data import ImageSet, normalize
 from eigenguard.train import Batch
 
 TINY = dict(helper_width=8, helper_epochs=1, helper_train_size=200, helper_steps=2, steps=5)
@@ -30,8 +31,7 @@ RIGHT = torch.tensor([[0, 0, 255], [0, 255, 0], [255, 0, 255]], dtype=torch.uint
 
 @pytest.fixture(scope="module")
 def train_set(synthetic_root):
-    """200 images of the synthetic Fashion-MNIST stand-in (10 classes, 28×28 grey)."""
-    return load_dataset("fashion-mnist", "train", root=synthetic_root).subset(torch.arange(200))
+    return synthetic_train_subset(synthetic_root, 200)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import check_registered_fitted_dirty_label
+from conftest import (check_fit_is_deterministic_and_round_trips,
+                      check_registered_fitted_dirty_label, synthetic_train_subset)
 from eigenguard.attacks import create_attack
 from eigenguard.attacks.helpers import (HelperSpec, build_helper, clear_helper_cache,
                                         helper_subset, penultimate, train_clean_helper)
 from eigenguard.attacks.lf import add_pattern, frequency_radius, high_frequency_energy, low_pass
 from eigenguard.attacks.trojannn import (connected_neurons, corner_mask, initial_logits,
                                          neuron_activation, patch_values, stamp)
-from eigenguard.data import load_dataset
 
 HELPER = dict(helper_epochs=4, helper_train_size=400, helper_width=8)
 LF_FAST = dict(steps=30, batch_size=16, **HELPER)
@@ -45,9 +45,7 @@ def normalised(images, data):
 
 @pytest.fixture(scope="module")
 def train_set(synthetic_root):
-    """400 images of the synthetic Fashion-MNIST stand-in (10 classes, 28×28 grey)."""
-    data = load_dataset("fashion-mnist", "train", root=synthetic_root)
-    return data.subset(torch.arange(400))
+    return synthetic_train_subset(synthetic_root, 400)
 
 
 def test_both_are_registered_fitted_and_dirty_label():
@@ -262,18 +260,9 @@ def test_trojannn_patch_excites_the_most_connected_neurons(train_set):
 
 def test_trojannn_is_deterministic_under_the_seed_and_its_state_round_trips(train_set,
                                                                            tmp_path):
-    first = create_attack("trojannn", **TROJAN_TINY).fit(train_set, seed=1)
-    clear_helper_cache()
-    second = create_attack("trojannn", **TROJAN_TINY).fit(train_set, seed=1)
-    for name, tensor in first.fitted_state().items():
-        assert torch.equal(second.fitted_state()[name], tensor)
-    other = create_attack("trojannn", **TROJAN_TINY).fit(train_set, seed=2)
-    assert not torch.equal(first.patch_, other.patch_)
-    path = tmp_path / "trojannn.safetensors"
-    save_file(first.fitted_state(), str(path))
-    restored = create_attack("trojannn", **TROJAN_TINY).load_fitted_state(load_file(str(path)))
-    assert set(restored.fitted_state()) == {"mask_", "patch_", "neurons_", "activation_"}
-    assert torch.equal(restored.apply(train_set.images), first.apply(train_set.images))
+    restored = check_fit_is_deterministic_and_round_trips(
+        "trojannn", TROJAN_TINY, train_set, tmp_path, learned="patch_",
+        state={"mask_", "patch_", "neurons_", "activation_"})
     poisoned = restored.poison(train_set, 0.1, 7, seed=0)
     assert (poisoned.data.labels[poisoned.poison_indices] == 7).all()
     with pytest.raises(ValueError, match=r"size 29 does not fit 28×28"):
