@@ -445,16 +445,9 @@ class AdaptiveWhitebox(GuardedHelperAttack, TargetedFit):
 
     def __post_init__(self):
         self.eps = _check_eps("AdaptiveWhitebox", self.eps)
-        self.steps = _check_steps("AdaptiveWhitebox", self.steps)
-        if not is_real(self.step_size) or self.step_size <= 0:
-            raise ValueError(f"AdaptiveWhitebox step_size must be a number > 0 (the first "
-                             f"sign-gradient step on the 0..255 scale), got {self.step_size!r}")
-        if not is_integer(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"AdaptiveWhitebox batch_size must be an integer >= 1 (images per "
-                             f"step), got {self.batch_size!r}")
+        self._check_gradient_steps("the first sign-gradient step on the 0..255 scale")
         self._init_target("the class the trigger aims at")
         self._check_helper("AdaptiveWhitebox")
-        self.step_size, self.batch_size = float(self.step_size), int(self.batch_size)
 
     # -- fitting (fit, for_target and poison: TargetedFit, with the guarded helper) ------------
 

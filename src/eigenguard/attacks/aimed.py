@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..data import ImageSet
-from .base import Attack, is_integer
+from .base import Attack, is_integer, is_real
 from .helpers import train_clean_helper
 
 
@@ -32,6 +32,22 @@ class TargetedFit(Attack):
     needs_fit = True
     #: whether an all-to-all :meth:`poison` also aims at the run's (nominal) target first
     aim_all_to_all = True
+
+    def _check_gradient_steps(self, step_size: str) -> None:
+        """Check and normalise the ``steps``, ``step_size`` and ``batch_size`` settings of an
+        optimised trigger (``step_size``: what the step size is, for the message)."""
+        owner = type(self).__name__
+        if not is_integer(self.steps) or self.steps < 1:
+            raise ValueError(f"{owner} steps must be an integer >= 1 (gradient steps of the "
+                             f"trigger), got {self.steps!r}")
+        if not is_real(self.step_size) or self.step_size <= 0:
+            raise ValueError(f"{owner} step_size must be a number > 0 ({step_size}), got "
+                             f"{self.step_size!r}")
+        if not is_integer(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"{owner} batch_size must be an integer >= 1 (images per step), "
+                             f"got {self.batch_size!r}")
+        self.steps, self.step_size = int(self.steps), float(self.step_size)
+        self.batch_size = int(self.batch_size)
 
     def _init_target(self, aims: str) -> None:
         """Check and normalise the ``target`` setting (``aims``: what aims at it, for the

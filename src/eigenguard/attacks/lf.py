@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from ..data import ImageSet
 from ..seeding import generator
 from .aimed import TargetedFit
-from .base import check_images, is_integer, is_real
+from .base import check_images, is_real
 from .helpers import cached_fit, check_helper_settings, helper_input, single_thread
 from .registry import register_attack
 
@@ -160,21 +160,11 @@ class LF(TargetedFit):
         if not is_real(self.cutoff) or self.cutoff < 0:
             raise ValueError(f"LF cutoff must be a number >= 0 (the low-pass radius in cycles "
                              f"per image; 0 keeps only the mean), got {self.cutoff!r}")
-        if not is_integer(self.steps) or self.steps < 1:
-            raise ValueError(f"LF steps must be an integer >= 1 (gradient steps of the "
-                             f"universal perturbation), got {self.steps!r}")
-        if not is_real(self.step_size) or self.step_size <= 0:
-            raise ValueError(f"LF step_size must be a number > 0 (the largest change of one "
-                             f"step on the 0..255 scale), got {self.step_size!r}")
-        if not is_integer(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"LF batch_size must be an integer >= 1 (images per step), got "
-                             f"{self.batch_size!r}")
+        self._check_gradient_steps("the largest change of one step on the 0..255 scale")
         self._init_target("the class the perturbation aims at")
         check_helper_settings("LF", self.helper_model, self.helper_width, self.helper_epochs,
                               self.helper_train_size)
-        self.eps, self.cutoff, self.step_size = (float(self.eps), float(self.cutoff),
-                                                 float(self.step_size))
-        self.steps, self.batch_size = int(self.steps), int(self.batch_size)
+        self.eps, self.cutoff = float(self.eps), float(self.cutoff)
         self.helper_width, self.helper_epochs = int(self.helper_width), int(self.helper_epochs)
         self.helper_train_size = int(self.helper_train_size)
 
