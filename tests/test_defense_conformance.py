@@ -20,12 +20,32 @@ from eigenguard.train import TrainConfig
 FAST = {
     "none": {},
     "eigenguard": {"k": 4, "after": "block1"},
+    "ft": {"epochs": 1},
+    "fp": {"epochs": 1},
+    "nad": {"teacher_epochs": 1, "epochs": 1},
+    "anp": {"iterations": 3},
+    "nc": {"epochs": 1, "unlearn_epochs": 1},
+    "ss": {},
+    "ac": {"restarts": 2},
+    "spectre": {"max_dims": 4},
+    "abl": {"isolation_epochs": 1, "finetune_epochs": 1, "unlearning_epochs": 1},
+    "dbd": {"ssl_epochs": 1, "head_epochs": 1, "semi_epochs": 1},
 }
 
 #: per defense: one invalid setting and a word its error must contain
 BAD = {
     "none": None,  # no settings
     "eigenguard": ({"k": 0}, "k"),
+    "ft": ({"epochs": 0}, "epochs"),
+    "fp": ({"max_prune_ratio": 1.5}, "max_prune_ratio"),
+    "nad": ({"p": 0}, "p"),
+    "anp": ({"eps": -0.4}, "eps"),
+    "nc": ({"anomaly_threshold": -1}, "anomaly_threshold"),
+    "ss": ({"expected_poison_ratio": 0}, "expected_poison_ratio"),
+    "ac": ({"size_threshold": 0.9}, "size_threshold"),
+    "spectre": ({"alpha": -1}, "alpha"),
+    "abl": ({"isolation_ratio": 0}, "isolation_ratio"),
+    "dbd": ({"temperature": 0}, "temperature"),
 }
 
 DEFENSES = sorted(set(list_defenses()) - {n for n in list_defenses() if n.startswith("example")})

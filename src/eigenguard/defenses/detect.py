@@ -34,7 +34,9 @@ def removal_count(train_size: int, expected_poison_ratio: float, removal_factor:
 
 
 class DetectAndRetrain(Defense):
-    """Base class: subclasses implement ``flag(model, context) -> indices``."""
+    """Base class: subclasses implement ``flag(model, context) -> indices``, and may leave
+    numbers worth recording (thresholds, per-class scores) in ``self.detection_``, which join
+    the result's ``extra``."""
 
     starts_from = "backdoored"
 
@@ -52,4 +54,5 @@ class DetectAndRetrain(Defense):
         model = context.build_model()
         context.train_model(model, context.train_set.subset(keep.nonzero().flatten()))
         return DefenseResult(model, flagged=flagged,
-                             extra=dict(removed=int(flagged.numel()), kept=int(keep.sum())))
+                             extra=dict(removed=int(flagged.numel()), kept=int(keep.sum()),
+                                        **getattr(self, "detection_", {})))
