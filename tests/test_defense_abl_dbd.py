@@ -159,10 +159,10 @@ def test_abl_defend_runs_its_stages_and_reports_the_isolated_samples():
     ("isolation_epochs", 0, "isolation_epochs must be an integer >= 1, got 0"),
     ("isolation_ratio", 0.0, r"isolation_ratio must be a number in \(0.0, 0.5\], got 0.0"),
     ("isolation_ratio", 0.7, r"isolation_ratio must be a number in \(0.0, 0.5\], got 0.7"),
-    ("gamma", -0.5, "gamma must be a positive finite number, got -0.5"),
+    ("gamma", -0.5, "gamma must be a finite number > 0, got -0.5"),
     ("finetune_epochs", -1, "finetune_epochs must be an integer >= 0"),
     ("unlearning_epochs", 2.5, "unlearning_epochs must be an integer >= 1, got 2.5"),
-    ("unlearning_lr", float("inf"), "unlearning_lr must be a positive finite number"),
+    ("unlearning_lr", float("inf"), "unlearning_lr must be a finite number > 0"),
 ])
 def test_abl_rejects_bad_settings(setting, value, message):
     with pytest.raises(ValueError, match=message):
@@ -281,10 +281,10 @@ def test_dbd_defend_runs_its_stages_and_reports_the_unlabelled_half():
 
 @pytest.mark.parametrize("setting, value, message", [
     ("ssl_epochs", 0, "ssl_epochs must be an integer >= 1, got 0"),
-    ("temperature", 0, "temperature must be a positive finite number, got 0"),
-    ("ssl_lr", -1.0, "ssl_lr must be a positive finite number"),
-    ("labelled_fraction", 1.0, "labelled_fraction must be below 1"),
-    ("labelled_fraction", 0, r"labelled_fraction must be a number in \(0.0, 1.0\], got 0"),
+    ("temperature", 0, "temperature must be a finite number > 0, got 0"),
+    ("ssl_lr", -1.0, "ssl_lr must be a finite number > 0 or None"),
+    ("labelled_fraction", 1.0, r"labelled_fraction must be a number in \(0.0, 1.0\) \(1.0 would"),
+    ("labelled_fraction", 0, r"labelled_fraction must be a number in \(0.0, 1.0\) .*, got 0$"),
     ("guesses", 0, "guesses must be an integer >= 1"),
     ("lambda_u", -1, "lambda_u must be a finite number >= 0"),
     ("flip", "yes", "flip must be True, False or None"),

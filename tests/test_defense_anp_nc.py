@@ -150,18 +150,18 @@ def planted(one_thread):
     (ANP, dict(alpha=-0.1), "ANP alpha must be a number in"),
     (ANP, dict(iterations=0), "ANP iterations must be an integer >= 1"),
     (ANP, dict(batch_size=2.5), "ANP batch_size must be an integer >= 1"),
-    (ANP, dict(mask_lr=0), "ANP mask_lr must be a positive number"),
+    (ANP, dict(mask_lr=0), "ANP mask_lr must be a finite number > 0"),
     (ANP, dict(threshold=1.0), "ANP threshold must be a number in \\(0, 1\\)"),
     (ANP, dict(threshold="test"), "ANP threshold must be"),
     (ANP, dict(reserve_tolerance=2), "ANP reserve_tolerance must be a number in"),
     (NeuralCleanse, dict(epochs=0), "NC epochs must be an integer >= 1"),
     (NeuralCleanse, dict(patience=True), "NC patience must be an integer >= 1"),
-    (NeuralCleanse, dict(init_cost=0), "NC init_cost must be a positive number"),
-    (NeuralCleanse, dict(anomaly_threshold=-2), "NC anomaly_threshold must be a positive"),
-    (NeuralCleanse, dict(cost_multiplier=1), "NC cost_multiplier must be a number > 1"),
+    (NeuralCleanse, dict(init_cost=0), "NC init_cost must be a finite number > 0"),
+    (NeuralCleanse, dict(anomaly_threshold=-2), "NC anomaly_threshold must be a finite number > 0"),
+    (NeuralCleanse, dict(cost_multiplier=1), "NC cost_multiplier must be a finite number > 1"),
     (NeuralCleanse, dict(success_threshold=1.5), "NC success_threshold must be a number in"),
     (NeuralCleanse, dict(unlearn_share=0), "NC unlearn_share must be a number in"),
-    (NeuralCleanse, dict(unlearn_lr=float("nan")), "NC unlearn_lr must be a positive number"),
+    (NeuralCleanse, dict(unlearn_lr=float("nan")), "NC unlearn_lr must be a finite number > 0"),
 ])
 def test_bad_settings_fail_with_a_clear_error(cls, settings, message):
     with pytest.raises(ValueError, match=message):

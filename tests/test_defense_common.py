@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import eigenguard
 from eigenguard.data import ImageSet
 from eigenguard.defenses import DefenseContext
-from eigenguard.defenses.detect import DetectAndRetrain, check_fraction, removal_count
+from eigenguard.defenses.checks import check_fraction
+from eigenguard.defenses.detect import DetectAndRetrain, removal_count
 from eigenguard.defenses.features import (penultimate_features, per_sample_losses,
                                           stage_activations)
 from eigenguard.train import model_input

@@ -37,7 +37,6 @@ trains on the poisoned set itself); ABL, like every detector, is meant for data 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -45,7 +44,7 @@ import torch
 
 from ..train import TrainHook, TrainState
 from .base import Defense, DefenseContext, DefenseResult
-from .detect import check_fraction
+from .checks import check_fraction, check_integer, check_number
 from .features import per_sample_losses
 from .registry import register_defense
 
@@ -99,17 +98,6 @@ def lowest_loss_indices(losses: torch.Tensor, count: int) -> torch.Tensor:
     return order[:count].sort().values
 
 
-def _check_epochs(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_positive(name: str, value) -> None:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not (value > 0 and math.isfinite(value))):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 @register_defense("abl")
 @dataclass
 class AntiBackdoorLearning(Defense):
@@ -127,12 +115,12 @@ class AntiBackdoorLearning(Defense):
     starts_from = "scratch"
 
     def __post_init__(self):
-        _check_epochs("isolation_epochs", self.isolation_epochs, 1)
+        check_integer("isolation_epochs", self.isolation_epochs)
         check_fraction("isolation_ratio", self.isolation_ratio, high=0.5)
-        _check_positive("gamma", self.gamma)
-        _check_epochs("finetune_epochs", self.finetune_epochs, 0)
-        _check_epochs("unlearning_epochs", self.unlearning_epochs, 1)
-        _check_positive("unlearning_lr", self.unlearning_lr)
+        check_number("gamma", self.gamma, low=0)
+        check_integer("finetune_epochs", self.finetune_epochs, low=0)
+        check_integer("unlearning_epochs", self.unlearning_epochs)
+        check_number("unlearning_lr", self.unlearning_lr, low=0)
 
     def isolate(self, context: DefenseContext, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Train ``model`` with the flooded loss, then return (isolated indices, all losses)."""

@@ -17,10 +17,11 @@ The paper (and the Adversarial Robustness Toolbox's implementation) reduces with
 projects on the same top principal directions, whitens them and rotates the result. k-means does
 not see the rotation, so the two differ only in the whitening, which PCA skips: the direction
 that separates the poison keeps its large variance, which is what the two-way split needs, and
-PCA is exact, where ICA iterates from a random start (and needs scikit-learn, which this package
-does not depend on). k-means runs in torch: k-means++ seeding, ``restarts`` seeded runs (10, as
-in scikit-learn's classic default), the best by inertia, under
-``generator(context.seed, "ac-kmeans")``, so flags are deterministic under the run's seed.
+PCA (an SVD of the centred features, in torch) is exact, where ICA iterates from a random start.
+The split is scikit-learn's ``KMeans`` (k-means++ seeding, Lloyd iterations, the best of
+``restarts`` runs by inertia; 10 restarts, scikit-learn's classic default), seeded with an
+integer drawn from ``stream_seed(context.seed, "ac-kmeans")``, so flags are deterministic under
+the run's seed.
 
 The detector does not know the target class; a class where the poison is the majority (an
 all-to-one attack at a high ratio) can split with the *clean* part smaller, and the poison stays.
@@ -33,16 +34,17 @@ import time
 from dataclasses import dataclass
 
 import torch
+from sklearn.cluster import KMeans
 from torch import nn
 
-from ..seeding import generator
+from ..seeding import stream_seed
 from .base import DefenseContext
-from .detect import DetectAndRetrain, check_fraction
+from .checks import check_fraction, check_integer
+from .detect import DetectAndRetrain
 from .features import penultimate_features
 from .registry import register_defense
 
 CLUSTERS = 2  # the paper's choice: clean part and poisoned part
-KMEANS_ITERATIONS = 100
 
 
 def principal_components(features: torch.Tensor, dims: int) -> torch.Tensor:
@@ -53,80 +55,44 @@ def principal_components(features: torch.Tensor, dims: int) -> torch.Tensor:
     return centred @ right[:dims].T
 
 
-def kmeans_plus_plus_centres(points: torch.Tensor, clusters: int,
-                             rng: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: each next centre drawn with probability ∝ squared distance."""
-    centres = [points[torch.randint(len(points), (1,), generator=rng)].squeeze(0)]
-    for _ in range(1, clusters):
-        distances = torch.cdist(points, torch.stack(centres)).square().min(dim=1).values
-        if distances.sum() <= 0:  # every point sits on a centre already
-            centres.append(centres[-1])
-            continue
-        pick = torch.multinomial(distances / distances.sum(), 1, generator=rng)
-        centres.append(points[pick].squeeze(0))
-    return torch.stack(centres)
+def kmeans_seed(seed: int) -> int:
+    """The run's k-means stream as the 32-bit integer scikit-learn takes as ``random_state``."""
+    return stream_seed(seed, "ac-kmeans") % 2**32
 
 
-def lloyd(points: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Lloyd iterations from ``centres`` to a fixed point: cluster of each point, inertia."""
-    for _ in range(KMEANS_ITERATIONS):
-        assignment = torch.cdist(points, centres).argmin(dim=1)
-        moved = centres.clone()
-        for cluster in range(len(centres)):
-            members = points[assignment == cluster]
-            if len(members):  # an empty cluster keeps its centre
-                moved[cluster] = members.mean(dim=0)
-        if torch.equal(moved, centres):
-            break
-        centres = moved
-    distances = torch.cdist(points, centres).square()
-    assignment = distances.argmin(dim=1)
-    return assignment, float(distances.gather(1, assignment[:, None]).sum())
+def two_means(points: torch.Tensor, *, seed: int, restarts: int = 10) -> torch.Tensor:
+    """The cluster (0 or 1) of each point: scikit-learn's k-means, the best of ``restarts``
+    seeded runs."""
+    fitted = KMeans(n_clusters=CLUSTERS, n_init=restarts, random_state=seed)
+    fitted.fit(points.cpu().numpy())
+    return torch.from_numpy(fitted.labels_).long()
 
 
-def kmeans(points: torch.Tensor, clusters: int, rng: torch.Generator,
-           restarts: int = 10) -> torch.Tensor:
-    """The cluster of each point: the best (lowest inertia) of ``restarts`` seeded runs."""
-    best, best_inertia = None, float("inf")
-    for _ in range(restarts):
-        assignment, inertia = lloyd(points, kmeans_plus_plus_centres(points, clusters, rng))
-        if inertia < best_inertia:
-            best, best_inertia = assignment, inertia
-    return best
-
-
-def smaller_cluster(features: torch.Tensor, *, dims: int, rng: torch.Generator,
+def smaller_cluster(features: torch.Tensor, *, dims: int, seed: int,
                     restarts: int = 10) -> tuple[torch.Tensor, float]:
     """One class: the mask of its smaller k-means cluster and that cluster's relative size."""
     if len(features) < CLUSTERS:
         return torch.zeros(len(features), dtype=torch.bool), 0.0
-    assignment = kmeans(principal_components(features, dims), CLUSTERS, rng, restarts)
+    assignment = two_means(principal_components(features, dims), seed=seed, restarts=restarts)
     sizes = torch.bincount(assignment, minlength=CLUSTERS)
     small = int(sizes.argmin())
     return assignment == small, float(sizes[small]) / len(features)
 
 
 def activation_clustering_flags(features: torch.Tensor, labels: torch.Tensor, *,
-                                dims: int = 10, size_threshold: float = 0.35,
-                                rng: torch.Generator | None = None,
+                                dims: int = 10, size_threshold: float = 0.35, seed: int = 0,
                                 restarts: int = 10) -> tuple[torch.Tensor, dict[str, float]]:
     """The detector on tensors: N × D features and N labels -> (boolean mask of flagged rows,
-    the relative size of each class's smaller cluster)."""
-    rng = rng if rng is not None else torch.Generator().manual_seed(0)
+    the relative size of each class's smaller cluster); ``seed`` is k-means' ``random_state``."""
     flags = torch.zeros(len(features), dtype=torch.bool)
     sizes: dict[str, float] = {}
     for label in labels.unique():
         members = (labels == label).nonzero().flatten()
-        small, size = smaller_cluster(features[members], dims=dims, rng=rng, restarts=restarts)
+        small, size = smaller_cluster(features[members], dims=dims, seed=seed, restarts=restarts)
         sizes[str(int(label))] = round(size, 4)
         if size < size_threshold:
             flags[members[small]] = True
     return flags, sizes
-
-
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @register_defense("ac")
@@ -139,9 +105,9 @@ class ActivationClustering(DetectAndRetrain):
     restarts: int = 10
 
     def __post_init__(self):
-        check_positive_int("dims", self.dims)
+        check_integer("dims", self.dims)
         check_fraction("size_threshold", self.size_threshold, high=0.5)
-        check_positive_int("restarts", self.restarts)
+        check_integer("restarts", self.restarts)
 
     def flag(self, model: nn.Module, context: DefenseContext) -> torch.Tensor:
         clock = time.monotonic()
@@ -150,7 +116,7 @@ class ActivationClustering(DetectAndRetrain):
         labels = context.train_set.labels
         flags, sizes = activation_clustering_flags(
             features, labels, dims=self.dims, size_threshold=self.size_threshold,
-            rng=generator(context.seed, "ac-kmeans"), restarts=self.restarts)
+            seed=kmeans_seed(context.seed), restarts=self.restarts)
         self.detection_ = dict(
             smaller_cluster_share=sizes,
             flagged_classes=[str(int(label)) for label in labels[flags].unique()],

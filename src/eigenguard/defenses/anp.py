@@ -54,7 +54,7 @@ from ..data import ImageSet
 from ..seeding import generator
 from ..train import model_input
 from .base import DefenseContext, DefenseResult
-from .detect import check_fraction
+from .checks import check_fraction, check_integer, check_number
 from .features import evaluation
 from .registry import register_defense
 from .repair import Repair
@@ -196,19 +196,12 @@ class ANP(Repair):
     def __post_init__(self):
         check_fraction("ANP eps", self.eps)
         check_fraction("ANP alpha", self.alpha, open_low=False)
-        for name in ("iterations", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ANP {name} must be an integer >= 1, got {value!r}")
-        if (isinstance(self.mask_lr, bool) or not isinstance(self.mask_lr, (int, float))
-                or not 0 < self.mask_lr < float("inf")):
-            raise ValueError(f"ANP mask_lr must be a positive number, got {self.mask_lr!r}")
-        if self.threshold is not None:
-            if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                    or not 0 < self.threshold < 1):
-                raise ValueError(f"ANP threshold must be a number in (0, 1) (neurons whose mask "
-                                 f"is below it are pruned) or None to choose it on the clean "
-                                 f"reserve, got {self.threshold!r}")
+        check_integer("ANP iterations", self.iterations)
+        check_integer("ANP batch_size", self.batch_size)
+        check_number("ANP mask_lr", self.mask_lr, low=0)
+        check_number("ANP threshold", self.threshold, low=0, high=1, optional=True,
+                     meaning="neurons whose mask is below it are pruned; None: chosen on the "
+                             "clean reserve")
         check_fraction("ANP reserve_tolerance", self.reserve_tolerance, open_low=False)
 
     def optimise_masks(self, model: nn.Module, reserve: ImageSet, context: DefenseContext):

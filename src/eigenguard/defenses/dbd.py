@@ -76,7 +76,7 @@ from ..data import ImageSet, augment_batch, dataset_info, list_datasets, normali
 from ..seeding import generator, stream_seed
 from ..train import Batch, TrainHook, TrainState
 from .base import Defense, DefenseContext, DefenseResult
-from .detect import check_fraction
+from .checks import check_integer, check_number
 from .features import classifier_layer, per_sample_losses
 from .registry import register_defense
 
@@ -323,19 +323,6 @@ class MixMatch(StageLabel):
 
 # -- the defense --------------------------------------------------------------------------------
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value >= 0 if allow_zero else value > 0))
-    if not ok:
-        kind = "a finite number >= 0" if allow_zero else "a positive finite number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-
-
 def dataset_allows_flip(data: ImageSet) -> bool:
     """What the data set's registry entry says about mirroring; no flip for an unknown set."""
     return data.name in list_datasets() and dataset_info(data.name).flip
@@ -366,26 +353,24 @@ class DecouplingDefense(Defense):
     starts_from = "scratch"
 
     def __post_init__(self):
-        _check_int("ssl_epochs", self.ssl_epochs, 1)
-        _check_positive("temperature", self.temperature)
-        _check_int("projection_dim", self.projection_dim, 1)
-        if self.ssl_lr is not None:
-            _check_positive("ssl_lr", self.ssl_lr)
-        _check_int("head_epochs", self.head_epochs, 1)
-        _check_positive("sce_alpha", self.sce_alpha, allow_zero=True)
-        _check_positive("sce_beta", self.sce_beta, allow_zero=True)
+        check_integer("ssl_epochs", self.ssl_epochs)
+        check_number("temperature", self.temperature, low=0)
+        check_integer("projection_dim", self.projection_dim)
+        check_number("ssl_lr", self.ssl_lr, low=0, optional=True,
+                     meaning="None: the run's learning rate")
+        check_integer("head_epochs", self.head_epochs)
+        check_number("sce_alpha", self.sce_alpha, low=0, open_low=False)
+        check_number("sce_beta", self.sce_beta, low=0, open_low=False)
         if self.sce_alpha == 0 and self.sce_beta == 0:
             raise ValueError("sce_alpha and sce_beta are both 0: the head would have no loss; "
                              "give at least one a positive weight")
-        check_fraction("labelled_fraction", self.labelled_fraction, high=1.0)
-        if self.labelled_fraction == 1.0:
-            raise ValueError("labelled_fraction must be below 1 (1.0 would keep every label and "
-                             "leave nothing unlabelled), got 1.0")
-        _check_int("semi_epochs", self.semi_epochs, 1)
-        _check_int("guesses", self.guesses, 1)
-        _check_positive("sharpen_temperature", self.sharpen_temperature)
-        _check_positive("mixup_alpha", self.mixup_alpha)
-        _check_positive("lambda_u", self.lambda_u, allow_zero=True)
+        check_number("labelled_fraction", self.labelled_fraction, low=0.0, high=1.0,
+                     meaning="1.0 would keep every label and leave nothing unlabelled")
+        check_integer("semi_epochs", self.semi_epochs)
+        check_integer("guesses", self.guesses)
+        check_number("sharpen_temperature", self.sharpen_temperature, low=0)
+        check_number("mixup_alpha", self.mixup_alpha, low=0)
+        check_number("lambda_u", self.lambda_u, low=0, open_low=False)
         if self.flip is not None and not isinstance(self.flip, bool):
             raise ValueError(f"flip must be True, False or None (the data set's default), "
                              f"got {self.flip!r}")

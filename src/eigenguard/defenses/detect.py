@@ -15,22 +15,21 @@ import torch
 from torch import nn
 
 from .base import Defense, DefenseContext, DefenseResult
-
-
-def check_fraction(name: str, value: float, *, low: float = 0.0, high: float = 1.0,
-                   open_low: bool = True) -> None:
-    """Settings check shared by the defenses: ``value`` in (low, high] (or [low, high])."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        (low < value if open_low else low <= value) and value <= high)
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+from .checks import invalid
 
 
 def removal_count(train_size: int, expected_poison_ratio: float, removal_factor: float) -> int:
     """How many samples to remove: ``removal_factor`` × the poison count the defender assumes
     (Tran et al. remove 1.5 × an assumed upper bound; the true ratio is never read)."""
     return min(train_size - 1, int(round(removal_factor * expected_poison_ratio * train_size)))
+
+
+def check_class_share(name: str, factor: float, expected_poison_ratio: float) -> None:
+    """Cross-setting check (after each setting's own): ``factor`` × ``expected_poison_ratio`` is
+    the share of each class removed (or trimmed), so it must stay below 1."""
+    if factor * expected_poison_ratio >= 1:
+        raise invalid(name, factor, f"a number whose product with expected_poison_ratio "
+                      f"({expected_poison_ratio}) is below 1", "a share of each class")
 
 
 class DetectAndRetrain(Defense):

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import DefenseContext, DefenseResult
-from .detect import check_fraction
+from .checks import check_fraction, check_integer, check_number
 from .features import classifier_layer, penultimate_features
-from .finetune import check_learning_rate, check_positive_int, final_record
+from .finetune import final_record
 from .registry import register_defense
 from .repair import Repair, fine_tune
 
@@ -134,12 +134,10 @@ class FinePruning(Repair):
 
     def __post_init__(self):
         check_fraction("accuracy_tolerance", self.accuracy_tolerance, open_low=False)
-        ratio = self.max_prune_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise ValueError(f"max_prune_ratio must be a number in [0, 1) (the classifier needs "
-                             f"a channel left), got {ratio!r}")
-        check_positive_int("epochs", self.epochs)
-        check_learning_rate("lr", self.lr)
+        check_number("max_prune_ratio", self.max_prune_ratio, low=0, high=1, open_low=False,
+                     meaning="the classifier needs a channel left")
+        check_integer("epochs", self.epochs)
+        check_number("lr", self.lr, low=0)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         layer = classifier_layer(model)

@@ -16,27 +16,13 @@ are its seeded random streams: FT draws no randomness of its own.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 from .base import DefenseContext, DefenseResult
+from .checks import check_integer, check_number
 from .registry import register_defense
 from .repair import Repair, fine_tune
-
-
-def check_positive_int(name: str, value) -> None:
-    """Settings check shared by the repairs: an integer >= 1 (epoch counts)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def check_learning_rate(name: str, value) -> None:
-    """Settings check shared by the repairs: a finite number > 0."""
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def final_record(history: list[dict]) -> dict:
@@ -56,8 +42,8 @@ class FineTune(Repair):
     lr: float = 0.01
 
     def __post_init__(self):
-        check_positive_int("epochs", self.epochs)
-        check_learning_rate("lr", self.lr)
+        check_integer("epochs", self.epochs)
+        check_number("lr", self.lr, low=0)
 
     def defend(self, context: DefenseContext) -> DefenseResult:
         reserve = context.clean_reserve  # the threat model is checked before any work

@@ -30,7 +30,6 @@ own: the shared loop's seeded streams are the only ones, so a run is a function 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 
@@ -40,7 +39,8 @@ from torch import nn
 from ..models.stages import get_stage_names
 from ..train import Batch, TrainHook, TrainState
 from .base import DefenseContext, DefenseResult
-from .finetune import check_learning_rate, check_positive_int, final_record
+from .checks import check_integer, check_number, invalid, is_finite_number
+from .finetune import final_record
 from .registry import register_defense
 from .repair import Repair, fine_tune
 
@@ -177,19 +177,17 @@ class NeuralAttentionDistillation(Repair):
     stages: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        check_positive_int("teacher_epochs", self.teacher_epochs)
-        check_positive_int("epochs", self.epochs)
-        check_learning_rate("lr", self.lr)
-        check_learning_rate("teacher_lr", self.teacher_lr)
+        check_integer("teacher_epochs", self.teacher_epochs)
+        check_integer("epochs", self.epochs)
+        check_number("lr", self.lr, low=0)
+        check_number("teacher_lr", self.teacher_lr, low=0)
         self.betas = self._checked_betas(self.betas)
-        if not (isinstance(self.p, (int, float)) and not isinstance(self.p, bool)
-                and math.isfinite(self.p) and self.p > 0):
-            raise ValueError(f"p must be a finite number > 0 (the paper uses 2), got {self.p!r}")
+        check_number("p", self.p, low=0, meaning="the paper uses 2")
         if self.stages is not None:
             if (isinstance(self.stages, str) or not isinstance(self.stages, (tuple, list))
                     or not all(isinstance(s, str) for s in self.stages)):
-                raise ValueError(f"stages must be a sequence of stage names or None (the last "
-                                 f"len(betas) stages), got {self.stages!r}")
+                raise invalid("stages", self.stages, "a sequence of stage names or None",
+                              "the last len(betas) stages")
             self.stages = tuple(self.stages)
             if len(self.stages) != len(self.betas):
                 raise ValueError(f"stages and betas must have the same length (one beta per "
@@ -199,11 +197,10 @@ class NeuralAttentionDistillation(Repair):
     @staticmethod
     def _checked_betas(betas) -> tuple[float, ...]:
         ok = (not isinstance(betas, (str, bytes)) and hasattr(betas, "__len__") and len(betas) > 0
-              and all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                      and math.isfinite(b) and b >= 0 for b in betas))
+              and all(is_finite_number(b) and b >= 0 for b in betas))
         if not ok:
-            raise ValueError(f"betas must be a non-empty sequence of finite numbers >= 0 (one "
-                             f"per distilled stage; BackdoorBench: 500, 1000, 1000), got {betas!r}")
+            raise invalid("betas", betas, "a non-empty sequence of finite numbers >= 0",
+                          "one per distilled stage; BackdoorBench: 500, 1000, 1000")
         return tuple(float(b) for b in betas)
 
     def distilled_stages(self, model: nn.Module) -> tuple[str, ...]:

@@ -54,7 +54,7 @@ from ..seeding import generator
 from ..train import Batch, TrainHook, TrainState
 from .anp import frozen, unfreeze
 from .base import DefenseContext, DefenseResult
-from .detect import check_fraction
+from .checks import check_fraction, check_integer, check_number
 from .features import evaluation
 from .registry import register_defense
 from .repair import Repair, fine_tune
@@ -142,19 +142,11 @@ class NeuralCleanse(Repair):
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "patience", "unlearn_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"NC {name} must be an integer >= 1, got {value!r}")
+            check_integer(f"NC {name}", getattr(self, name))
         for name in ("lr", "init_cost", "anomaly_threshold", "unlearn_lr"):
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not 0 < value < float("inf")):
-                raise ValueError(f"NC {name} must be a positive number, got {value!r}")
-        if (isinstance(self.cost_multiplier, bool)
-                or not isinstance(self.cost_multiplier, (int, float))
-                or not 1 < self.cost_multiplier < float("inf")):
-            raise ValueError(f"NC cost_multiplier must be a number > 1 (the factor the mask "
-                             f"cost moves by), got {self.cost_multiplier!r}")
+            check_number(f"NC {name}", getattr(self, name), low=0)
+        check_number("NC cost_multiplier", self.cost_multiplier, low=1,
+                     meaning="the factor the mask cost moves by")
         check_fraction("NC success_threshold", self.success_threshold)
         check_fraction("NC unlearn_share", self.unlearn_share)
 

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from .base import DefenseContext
-from .detect import DetectAndRetrain, check_fraction, removal_count
+from .checks import check_fraction, check_number
+from .detect import DetectAndRetrain, check_class_share, removal_count
 from .features import penultimate_features
 from .registry import register_defense
 
@@ -110,17 +111,11 @@ class SpectralSignatures(DetectAndRetrain):
 
     def __post_init__(self):
         check_fraction("expected_poison_ratio", self.expected_poison_ratio)
-        if (isinstance(self.removal_factor, bool)
-                or not isinstance(self.removal_factor, (int, float))
-                or not 0 < self.removal_factor * self.expected_poison_ratio < 1):
-            raise ValueError(f"removal_factor must be a number > 0 whose product with "
-                             f"expected_poison_ratio ({self.expected_poison_ratio}) is below 1 "
-                             f"(a share of each class), got {self.removal_factor!r}")
+        check_number("removal_factor", self.removal_factor, low=0)
+        check_class_share("removal_factor", self.removal_factor, self.expected_poison_ratio)
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if (isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float))
-                or not 0 < self.percentile < 100):
-            raise ValueError(f"percentile must be a number in (0, 100), got {self.percentile!r}")
+        check_number("percentile", self.percentile, low=0, high=100)
 
     def flag(self, model: nn.Module, context: DefenseContext) -> torch.Tensor:
         clock = time.monotonic()

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from .base import DefenseContext
-from .detect import DetectAndRetrain, check_fraction, removal_count
+from .checks import check_fraction, check_integer, check_number
+from .detect import DetectAndRetrain, check_class_share, removal_count
 from .features import penultimate_features
 from .registry import register_defense
 
@@ -184,21 +185,6 @@ def spectre_flags(features: torch.Tensor, labels: torch.Tensor, *,
     return flags, chosen
 
 
-def check_number(name: str, value, *, low: float, allowed: str, inclusive: bool = False):
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value >= low if inclusive else value > low))
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def check_dims(name: str, value, *, optional: bool) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "None or an integer >= 1" if optional else "an integer >= 1"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
 @register_defense("spectre")
 @dataclass
 class Spectre(DetectAndRetrain):
@@ -213,20 +199,14 @@ class Spectre(DetectAndRetrain):
 
     def __post_init__(self):
         check_fraction("expected_poison_ratio", self.expected_poison_ratio)
-        check_number("removal_factor", self.removal_factor, low=0,
-                     allowed="a number > 0 whose product with expected_poison_ratio is below 1")
-        if self.removal_factor * self.expected_poison_ratio >= 1:
-            raise ValueError(f"removal_factor must be a number > 0 whose product with "
-                             f"expected_poison_ratio ({self.expected_poison_ratio}) is below 1 "
-                             f"(a share of each class), got {self.removal_factor!r}")
-        check_number("trim_factor", self.trim_factor, low=0, inclusive=True,
-                      allowed="a number >= 0 (0: plain mean and covariance)")
-        if self.trim_factor * self.expected_poison_ratio >= 1:
-            raise ValueError(f"trim_factor must keep trim_factor × expected_poison_ratio below 1 "
-                             f"(a share of each class), got {self.trim_factor!r}")
-        check_number("alpha", self.alpha, low=0, inclusive=True, allowed="a number >= 0")
-        check_dims("dims", self.dims, optional=True)
-        check_dims("max_dims", self.max_dims, optional=False)
+        check_number("removal_factor", self.removal_factor, low=0)
+        check_class_share("removal_factor", self.removal_factor, self.expected_poison_ratio)
+        check_number("trim_factor", self.trim_factor, low=0, open_low=False,
+                     meaning="0: plain mean and covariance")
+        check_class_share("trim_factor", self.trim_factor, self.expected_poison_ratio)
+        check_number("alpha", self.alpha, low=0, open_low=False)
+        check_integer("dims", self.dims, optional=True, meaning="None: chosen per class")
+        check_integer("max_dims", self.max_dims)
 
     def flag(self, model: nn.Module, context: DefenseContext) -> torch.Tensor:
         clock = time.monotonic()
