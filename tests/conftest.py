@@ -58,6 +58,36 @@ def check_registered_fitted_dirty_label(*names: str) -> None:
             attack.apply(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
 
 
+def stripes(count: int, seed: int):
+    """``count`` of the stripe images as an in-memory ImageSet (no files): the planted setting of
+    the defense tests."""
+    from eigenguard.data import ImageSet
+
+    images, labels = synthetic_images(count, seed)
+    return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(),
+                    tuple(map(str, range(10))), (0.4,), (0.2,), "stripes")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: figures measured that way do not depend on the machine's
+    thread count, and one thread loses no time to contention where other work shares the
+    cores."""
+    from eigenguard.attacks.helpers import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole module (its module-scoped fixtures train under it too)."""
+    from eigenguard.attacks.helpers import single_thread
+
+    with single_thread():
+        yield
+
+
 def synthetic_train_subset(root, count: int):
     """The first ``count`` images of the synthetic Fashion-MNIST stand-in (10 classes, 28×28)."""
     from eigenguard.data import load_dataset

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import eigenguard
-from conftest import synthetic_images
+from conftest import stripes
 from eigenguard.attacks import create_attack
 from eigenguard.data import ImageSet
 from eigenguard.defenses import DefenseContext, create_defense
@@ -30,19 +30,8 @@ from eigenguard.train import Augmentation, Batch, TrainConfig, train
 TARGET, POISON = 0, 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The figures were measured with one thread (CPU results depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def stripes(count: int, seed: int) -> ImageSet:
-    images, labels = synthetic_images(count, seed)
-    return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(),
-                    tuple(map(str, range(10))), (0.4,), (0.2,), "stripes")
 
 
 def colour_set(count: int, classes: int = 5) -> ImageSet:

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 import eigenguard
-from conftest import synthetic_images
+from conftest import stripes
 from eigenguard.attacks import create_attack
-from eigenguard.data import ImageSet
 from eigenguard.defenses import DefenseContext, ThreatModelError, create_defense
 from eigenguard.defenses.anp import ANP, THRESHOLD_GRID, batchnorm_neurons
 from eigenguard.defenses.neural_cleanse import (NeuralCleanse, StampReversedTrigger,
@@ -44,19 +43,8 @@ NC_FAST = dict(epochs=6, batch_size=64)
 ANP_FAST = dict(iterations=100, batch_size=64, eps=0.2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The figures were measured with one thread (CPU results depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-
-def stripes(count: int, seed: int) -> ImageSet:
-    images, labels = synthetic_images(count, seed)
-    return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(),
-                    tuple(map(str, range(10))), (0.4,), (0.2,), "stripes")
 
 
 def small_cnn():
@@ -91,7 +79,7 @@ def context_for(model, reserve, *, clean_rights=True):
 
 
 @pytest.fixture(scope="module")
-def backdoored(one_thread, attack):
+def backdoored(one_thread_module, attack):
     poisoned = attack.poison(stripes(4000, 100), 0.1, TARGET, seed=0)
     torch.manual_seed(0)
     model = small_cnn()
@@ -133,7 +121,7 @@ def plant_trigger_path(model):
 
 
 @pytest.fixture(scope="module")
-def planted(one_thread):
+def planted(one_thread_module):
     torch.manual_seed(0)
     model = small_cnn()
     train(model, stripes(2000, 100), dataclasses.replace(CONFIG, epochs=3), seed=0,
@@ -220,7 +208,7 @@ def location_aware_cnn():
                          nn.Linear(16 * 7 * 7, 10))
 
 
-def test_nc_reversed_mask_of_the_target_sits_on_the_patch(one_thread, attack, reserve):
+def test_nc_reversed_mask_of_the_target_sits_on_the_patch(attack, reserve):
     """Measured on a location-aware CNN (3,000 images, 3 epochs, ASR 100%): the target's
     reversed mask has |m|₁ 7.1 (the patch has 9 pixels), 88% of its mass on the 3×3 corner and
     96% on the 6×6 corner."""

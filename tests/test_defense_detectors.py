@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import eigenguard
-from conftest import synthetic_images
+from conftest import stripes
 from eigenguard.attacks import create_attack
-from eigenguard.data import ImageSet
 from eigenguard.defenses import DefenseContext, create_defense
 from eigenguard.defenses.activation_clustering import (ActivationClustering,
                                                        activation_clustering_flags)
@@ -47,13 +46,7 @@ def per_class(flags, labels) -> list[int]:
     return [int(flags[labels == c].sum()) for c in labels.unique()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Figures measured with one thread (the shared machine's other work does not slow it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- Spectral Signatures ------------------------------------------------------------------------
@@ -210,11 +203,6 @@ def test_spectre_rejects_bad_settings(settings, word):
 TRAIN_SIZE, TARGET, POISON = 4000, 0, 0.1
 MODEL = dict(in_channels=1, num_classes=10, width=8)
 
-
-def stripes(count: int, seed: int) -> ImageSet:
-    images, labels = synthetic_images(count, seed)
-    return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(),
-                    tuple(map(str, range(10))), (0.4,), (0.2,), "stripes")
 
 
 @pytest.fixture(scope="module")

@@ -18,34 +18,17 @@ import pytest
 import torch
 
 import eigenguard
-from conftest import synthetic_images
+from conftest import stripes
 from eigenguard.attacks import create_attack
-from eigenguard.data import ImageSet
 from eigenguard.evaluate import evaluate
 from eigenguard.train import TrainConfig, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TRAIN_SIZE, TEST_SIZE, TARGET, POISON = 4000, 300, 0, 0.1
 MODEL = dict(in_channels=1, num_classes=10, width=8)
 CONFIG = TrainConfig(epochs=4, batch_size=32, lr=0.05)
 LAYER = dict(after="block1", k=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The figures above were measured with one thread: CPU results depend on the thread count,
-    and one thread does not lose time to contention where other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def stripes(count: int, seed: int) -> ImageSet:
-    images, labels = synthetic_images(count, seed)
-    return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(),
-                    tuple(map(str, range(10))), (0.4,), (0.2,), "stripes")
 
 
 def poisoned_training(seed: int, guarded: bool):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import eigenguard
-from conftest import synthetic_images
+from conftest import stripes
 from eigenguard.attacks import create_attack
 from eigenguard.data import ImageSet
 from eigenguard.defenses import DefenseContext, ThreatModelError, create_defense
@@ -36,19 +36,8 @@ MODEL = dict(in_channels=1, num_classes=10, width=8)
 CONFIG = TrainConfig(epochs=4, batch_size=32, lr=0.05)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The figures were measured with one thread (CPU results depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def stripes(count: int, seed: int) -> ImageSet:
-    images, labels = synthetic_images(count, seed)
-    return ImageSet(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long(),
-                    tuple(map(str, range(10))), (0.4,), (0.2,), "stripes")
 
 
 @dataclasses.dataclass
