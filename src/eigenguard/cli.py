@@ -282,6 +282,27 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analysis.analyze import analyze_run, markdown_table
+
+    store = ResultStore(args.store, create=False)
+    runs = []
+    for prefix in args.runs:
+        matches = [r for r in store.find_runs(prefix)
+                   if r.status in ("finished", "evaluation-failed")]
+        if len(matches) != 1:
+            raise EigenGuardError(f"run {prefix!r} matches {len(matches)} trained runs; give a "
+                                  "longer key prefix (see `eigenguard report`)")
+        runs.append(matches[0])
+    analyses = [analyze_run(store, run, out_dir=args.out, count=args.samples, k=args.k,
+                            seed=args.seed, data_root=args.data_root,
+                            device=_device(args.device), tsne=not args.no_tsne,
+                            log=(lambda *a: None) if args.quiet else print)
+                for run in runs]
+    print(markdown_table(analyses))
+    return 0
+
+
 def cmd_gallery(args) -> int:
     """One PNG per attack: clean, poisoned and amplified-residual rows, and the trigger's size."""
     from .data import load_dataset
@@ -401,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "that is not finished is always replaced by a finished one)")
     p.add_argument("--store", default=None)
     p.set_defaults(handler=cmd_import)
+    p = commands.add_parser("analyze", help="spectral analyses of stored runs: effective "
+                            "rank, singular spectra, where the trigger lives, t-SNE")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run keys or unique prefixes (trained runs with a checkpoint here)")
+    p.add_argument("--out", default="analysis",
+                   help="folder for the figures and numbers, one subfolder per run "
+                        "(default ./analysis)")
+    p.add_argument("--samples", type=int, default=1000,
+                   help="images of each kind: clean, triggered, mix (default 1000)")
+    p.add_argument("--k", type=int, default=None,
+                   help="top directions to measure against (default: the run's EigenGuard k, "
+                        "or 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images drawn and t-SNE")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (the slowest)")
+    _add_common(p)
+    p.set_defaults(handler=cmd_analyze)
     p = commands.add_parser("gallery", help="one PNG per attack: clean, poisoned and "
                             "residual images, with the trigger's L∞, L2 and PSNR")
     which = p.add_mutually_exclusive_group()

@@ -370,6 +370,14 @@ class ResultStore:
             self._insert_metrics(db, key, metrics)
             db.execute("UPDATE runs SET status = ?, error = ? WHERE key = ?", (status, error, key))
 
+    def record_metrics(self, key: str, metrics: list[dict]) -> None:
+        """Add (or replace) metric rows of a stored run without touching its status (numbers
+        computed from its checkpoint later, such as the spectral analysis)."""
+        if self.get_run(key) is None:
+            raise KeyError(f"no run {key} in {self.path}")
+        with self._exclusive() as db:
+            self._insert_metrics(db, key, metrics)
+
     @staticmethod
     def _insert_metrics(db, key: str, metrics: list[dict]) -> None:
         created = _now()
@@ -513,7 +521,7 @@ class ResultStore:
 
 
 #: protocols of metric rows that are not evaluations of a test or validation split
-NON_EVALUATION_PROTOCOLS = ("detection", "cost")
+NON_EVALUATION_PROTOCOLS = ("detection", "cost", "analysis")
 
 
 def gather_evaluations(metrics: list[dict], split: str = "test") -> list[dict]:
