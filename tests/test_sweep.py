@@ -48,7 +48,23 @@ def test_a_grid_is_the_product_of_its_axes_plus_extra_rows():
     assert dict(extra.defense_settings) == {"k": 2, "after": "block1"}
 
 
+def test_blocks_add_products_that_inherit_the_axes_they_do_not_name():
+    grid = grid_from_dict({
+        "setup": {"model": "small_cnn", "width": 8},
+        "attacks": ["badnets", "blended"], "defenses": ["none"], "seeds": [0, 1],
+        "blocks": [{"defenses": ["ft", "ss"], "seeds": [0]},
+                   {"attacks": ["sig"], "defenses": ["none", "ft"]}]})
+    # 2 x 1 x 2 axis runs; block 1: 2 attacks x 2 defenses x 1 seed; block 2: 1 x 2 x 2 seeds
+    assert len(grid) == 4 + 4 + 4
+    assert {(c.attack, c.defense, c.seed) for c in grid.configs[4:8]} == {
+        (a, d, 0) for a in ("badnets", "blended") for d in ("ft", "ss")}
+    assert {(c.attack, c.defense) for c in grid.configs[8:]} == {("sig", "none"), ("sig", "ft")}
+    assert all(c.width == 8 for c in grid.configs)
+
+
 @pytest.mark.parametrize("data, message", [
+    ({"attacks": ["badnets"], "blocks": [{"defences": ["ft"]}]}, "block 1 must be a mapping"),
+    ({"attacks": ["badnets"], "blocks": [{"defenses": ["fx"]}]}, "block 1"),
     ({"attacks": ["badnet"]}, "badnet"),
     ({"attacks": ["badnets"], "defences": ["none"]}, "unknown key(s) ['defences']"),
     ({"attacks": ["badnets"], "defenses": [{"name": "eigenguard", "settings": {"k": 0}}]},

@@ -15,6 +15,10 @@ A grid file names what a sweep runs and how its report reads::
     defenses: [none, eigenguard, {name: eigenguard, settings: {k: 16}}]
     poison_ratios: [0.01, 0.1]
     seeds: [0, 1, 2]
+    blocks:                          # more products, each over `setup`; an axis a block does
+      - defenses: [abl, ss]          #   not name takes the grid's own
+        poison_ratios: [0.1]
+        seeds: [0]
     extra:                           # explicit rows, each over `setup` (and the first of each axis)
       - {attack: badnets, defense: eigenguard, defense_settings: {k: 64}, seed: 0}
 
@@ -37,7 +41,8 @@ from .train import TrainConfig
 
 AXES = {"datasets": "dataset", "models": "model", "attacks": "attack", "defenses": "defense",
         "poison_ratios": "poison_ratio", "seeds": "seed"}
-GRID_KEYS = ("name", "description", "tuning_attacks", "protocols", "setup", "extra", *AXES)
+GRID_KEYS = ("name", "description", "tuning_attacks", "protocols", "setup", "blocks", "extra",
+             *AXES)
 SETUP_FIELDS = {f.name for f in dataclasses.fields(SetupConfig)}
 ROW_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -113,6 +118,17 @@ def _config(fields: dict, where: str) -> RunConfig:
     return config
 
 
+def _product(setup: dict, axes: dict, label: str) -> list[RunConfig]:
+    """Every combination of the axes' entries, each over ``setup``."""
+    configs = []
+    for combination in itertools.product(*axes.values()):
+        fields = dict(setup)
+        for entry in combination:
+            fields.update(entry)
+        configs.append(_config(fields, f"{label}, run {len(configs) + 1}"))
+    return configs
+
+
 def grid_from_dict(data: dict, source: str | None = None) -> Grid:
     """Build and validate every config of a grid given as plain data (a parsed YAML file)."""
     label = source or "the grid"
@@ -132,11 +148,17 @@ def grid_from_dict(data: dict, source: str | None = None) -> Grid:
         raise GridError(f"{label}: {error}") from None
     configs: list[RunConfig] = []
     if axes:
-        for combination in itertools.product(*axes.values()):
-            fields = dict(setup)
-            for entry in combination:
-                fields.update(entry)
-            configs.append(_config(fields, f"{label}, run {len(configs) + 1}"))
+        configs += _product(setup, axes, label)
+    for number, block in enumerate(data.get("blocks") or [], 1):
+        where = f"{label}, block {number}"
+        if not isinstance(block, dict) or not block or set(block) - set(AXES):
+            raise GridError(f"{where} must be a mapping of axes ({', '.join(AXES)}), got "
+                            f"{block!r}")
+        try:
+            own = {axis: _axis_entries(axis, block[axis]) for axis in block}
+        except GridError as error:
+            raise GridError(f"{where}: {error}") from None
+        configs += _product(setup, {**axes, **own}, where)
     first = {axis: entries[0] for axis, entries in axes.items()}
     for number, row in enumerate(data.get("extra") or [], 1):
         if not isinstance(row, dict):
