@@ -13,6 +13,7 @@ import torch
 
 from eigenguard.defenses import ThreatModelError, create_defense, list_defenses
 from eigenguard.experiment import RunConfig, execute
+from eigenguard.models import create_model
 from eigenguard.train import TrainConfig
 
 #: per defense: settings that make it cheap on the tiny set (its defining behaviour is tested in
@@ -85,6 +86,9 @@ def test_defense_returns_a_model_that_predicts_and_is_deterministic(name, synthe
     assert first.model_state.keys() == second.model_state.keys()
     for key, tensor in first.model_state.items():
         assert torch.equal(tensor, second.model_state[key]), key
+    rebuilt = create_defense(name, **FAST[name]).prepare_model(
+        create_model("small_cnn", in_channels=1, num_classes=10, width=4))
+    rebuilt.load_state_dict(first.model_state)  # the checkpoint reloads into the rebuilt model
     flagged = [row for row in first.metrics if row["protocol"] == "detection"]
     if flagged:  # a detector: the harness scored its flags
         assert {row["metric"] for row in flagged} == {"tpr", "fpr", "flagged"}

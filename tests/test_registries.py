@@ -4,7 +4,7 @@ import torch
 
 from eigenguard.attacks import create_attack, list_attacks
 from eigenguard.data import ImageSet
-from eigenguard.defenses import DefenseContext, DefenseResult, create_defense, list_defenses
+from eigenguard.defenses import create_defense, list_defenses
 from eigenguard.defenses.base import STARTS_FROM
 from eigenguard.evaluate import PROTOCOLS
 from eigenguard.errors import UnknownNameError
@@ -38,33 +38,19 @@ def test_attack_conformance(name):
 
 
 @pytest.mark.parametrize("name", list_defenses())
-def test_defense_conformance(name):
-    """Every registered defense works from what its threat model grants, and no more."""
+def test_defense_declarations(name):
+    """Every registered defense declares what the harness needs; only EigenGuard adds a layer.
+
+    Running each defense through the harness is tests/test_defense_conformance.py's job.
+    """
     defense = create_defense(name, **({"after": "block2", "k": 4} if name == "eigenguard" else {}))
-    poisoned = create_attack("badnets").poison(toy_set(), 0.1, 0, seed=0)
-    trained = []
-
-    def build():
-        return create_model("small_cnn", in_channels=1, num_classes=10, width=4)
-
-    def train_model(model, data, hooks=(), **overrides):
-        trained.append(len(data))
-        return [{"epoch": 1}]
-
-    reserve = toy_set().subset(list(range(16)))
-    context = DefenseContext(poisoned.data, build, train_model, seed=0, device="cpu",
-                             clean_reserve=reserve, clean_rights=defense.clean_data,
-                             backdoored_model=build if defense.starts_from == "backdoored"
-                             else None)
-    result = defense.defend(context)
-    model = result.model if isinstance(result, DefenseResult) else result
-    assert trained and all(size in (64, 16) or size < 64 for size in trained)
+    model = defense.prepare_model(create_model("small_cnn", in_channels=1, num_classes=10,
+                                               width=4))
     assert bool(find_guards(model)) == (name == "eigenguard")
-    rebuilt = defense.prepare_model(build())
-    rebuilt.load_state_dict(model.state_dict())  # a checkpoint reloads into the rebuilt model
     assert isinstance(defense.settings(), dict) and isinstance(defense.label(), str)
     assert defense.starts_from in STARTS_FROM and "triggered" in defense.protocols
     assert set(defense.protocols) <= set(PROTOCOLS)
+    assert isinstance(defense.clean_data, bool)
 
 
 def test_unknown_defense_lists_the_known_ones():
