@@ -45,6 +45,12 @@ def _add_common(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_save_every(parser, more: str):
+    parser.add_argument("--save-every", type=int, default=None, metavar="N",
+                        help="keep the model's weights every N epochs of training on the "
+                             "poisoned set, and at the end (not part of the run's key); " + more)
+
+
 def _defense_shortcuts() -> dict[str, dict[str, object]]:
     """``--NAME`` flags generated from the registered defenses' declared settings:
     setting name -> {defense: its default}."""
@@ -150,7 +156,7 @@ def cmd_run(args) -> int:
     config.validate()
     store = ResultStore(args.store)
     result = run(config, store, device=_device(args.device), data_root=args.data_root,
-                 force=args.force, progress=not args.quiet)
+                 force=args.force, progress=not args.quiet, save_every=args.save_every)
     if result.cached:
         print(f"[{result.key}] already in {store.path}; stored result (use --force to rerun):")
     elif result.status == "finished":
@@ -297,9 +303,13 @@ def cmd_analyze(args) -> int:
     analyses = [analyze_run(store, run, out_dir=args.out, count=args.samples, k=args.k,
                             seed=args.seed, data_root=args.data_root,
                             device=_device(args.device), tsne=not args.no_tsne,
-                            log=(lambda *a: None) if args.quiet else print)
+                            log=(lambda *a: None) if args.quiet else print,
+                            save_every=args.save_every, progress=not args.quiet)
                 for run in runs]
     print(markdown_table(analyses))
+    for analysis in analyses:
+        if analysis.over_training is not None:
+            print("\n" + analysis.over_training.markdown())
     return 0
 
 
@@ -346,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("run", help="poison, train (with a defense), evaluate, store")
     _add_run_arguments(p)
+    _add_save_every(p, "a stored run without them (or with another N) is trained again")
     _add_common(p)
     p.set_defaults(handler=cmd_run)
     p = commands.add_parser("sweep", help="run a grid of runs from a YAML file (resumable)")
@@ -436,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the images drawn and t-SNE")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (the slowest)")
+    _add_save_every(p, "and add effective rank and ASR per kept epoch (the source's Figure 1); "
+                       "a run without them is trained again first, with its own config")
     _add_common(p)
     p.set_defaults(handler=cmd_analyze)
     p = commands.add_parser("gallery", help="one PNG per attack: clean, poisoned and "

@@ -14,6 +14,20 @@ A run is a pure function of its config and the content of its data: the same con
 same splits, poisoned indices, model and metrics (bitwise on CPU with the same thread count and
 library versions). Its key hashes the resolved config with a fingerprint of the data, so running
 a finished config again returns the stored result, and a changed data file never matches.
+
+Intermediate checkpoints (``save_every``, for the analysis of a backdoor being learnt over
+training) are kept by a read-only training hook (:class:`eigenguard.train.KeepStates`): training
+is bitwise the same with or without them, so they are not part of the key. They follow every call
+of the shared trainer on the poisoned training set, the set the attack's own hooks act on too,
+with epochs numbered across the calls: that is the victim learning from poisoned data, including
+the stages of a multi-stage defense that train on all of it (DBD's head and semi-supervised
+stages, ABL's isolation), and not the repairs that train on other data (a clean reserve, the
+samples kept after removal, the isolated samples). Following only the first call would cut
+DBD's trajectory in two; following every call would mix in other data and, for DBD's SimCLR
+stage, a model with another head. A post-training defense trains nothing on the poisoned set (its
+undefended run did), so it keeps none: analyse that run instead. Asking :func:`run` for them on
+a stored run that lacks them (or has them at another interval) retrains that run under the same
+key; its metrics come out the same.
 """
 from __future__ import annotations
 
@@ -41,7 +55,7 @@ from .models.registry import create_model, get_model_factory
 from .seeding import stream_seed
 from .splits import LoadedData, Splits, check_fractions, load_data, make_splits
 from .store import ResultStore, StoredRun, gather_evaluations
-from .train import Augmentation, EpochEndHook, TrainConfig, train
+from .train import Augmentation, EpochEndHook, KeepStates, TrainConfig, train
 
 #: bump when a change to the code makes old results incomparable (2: validation split, clean
 #: reserve, independent random streams, data fingerprint in the key)
@@ -238,6 +252,8 @@ class RunResult:
     extra: dict = field(default_factory=dict)
     cached: bool = False
     checkpoint: str | None = None  # stored path, once recorded
+    #: intermediate checkpoints (``save_every``): epoch -> CPU tensors, written by :func:`record`
+    epoch_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def evaluations(self) -> list[dict]:
@@ -311,15 +327,18 @@ def evaluate_model(config: RunConfig, model: nn.Module, attack, splits: Splits, 
 def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=None,
             device: str = "cpu", progress: bool = True, log=print, on_epoch=None,
             backdoored_state: dict[str, torch.Tensor] | None = None,
-            protocols=None) -> RunResult:
+            protocols=None, save_every: int | None = None) -> RunResult:
     """Run one config without touching any store.
 
     ``on_epoch(history)`` is called after every training epoch (the driver records progress with
     it). A post-training defense repairs ``backdoored_state`` (the undefended model of the same
     setup) when given, and trains that model here first when not. ``protocols``: the evaluation
-    protocols to run (default: every one the defense declares for the model).
+    protocols to run (default: every one the defense declares for the model). ``save_every``:
+    keep the model's weights every that many epochs of training on the poisoned set, and at the
+    end of each such training call (module docstring), in ``epoch_states``.
     """
     config.validate()
+    keeper = KeepStates(save_every) if save_every is not None else None
     attack, defense = config.build_attack(), config.build_defense()
     loaded = loaded or load_data(config.dataset, data_root)
     key, setup_key = config.key(loaded.fingerprint), config.setup_key(loaded.fingerprint)
@@ -354,11 +373,13 @@ def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=No
         calls[0] += 1
         stream = "train" if calls[0] == 1 else f"train-{calls[0]}"
         own = list(attack_hooks) if data is poisoned.data else []
+        # last of the hooks that may change the model, so it keeps what the next epoch starts from
+        kept = [keeper] if keeper is not None and data is poisoned.data else []
         return train(model, data, dataclasses.replace(config.train, **overrides),
                      seed=stream_seed(config.seed, stream),
                      augmentation=Augmentation(info.crop_padding, info.flip), device=device,
                      progress=progress, description=f"[{key[:8]}] {config.defense}",
-                     hooks=[*own, *hooks, EpochEndHook(record_epoch)])
+                     hooks=[*own, *hooks, *kept, EpochEndHook(record_epoch)])
 
     def fresh_model():
         torch.manual_seed(stream_seed(config.seed, "init"))
@@ -396,28 +417,60 @@ def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=No
                  split_sizes=dict(train=len(splits.train), validation=len(splits.validation),
                                   reserve=len(splits.reserve), test=len(splits.test)),
                  defense=outcome.extra)
+    if keeper is not None:
+        extra["epoch_checkpoints"] = dict(every=save_every, epochs=sorted(keeper.states))
     return RunResult(key, setup_key, config, "evaluation-failed" if errors else "finished",
                      metrics, history, sum(stages.values()),
                      model_state={name: tensor.detach().cpu().contiguous()
                                   for name, tensor in model.state_dict().items()},
                      attack_state=attack.fitted_state(),
-                     error="; ".join(errors) or None, extra=extra)
+                     error="; ".join(errors) or None, extra=extra,
+                     epoch_states=keeper.states if keeper is not None else {})
 
 
 # -- recording: the driver --------------------------------------------------------------------
 
 def record(store: ResultStore, result: RunResult, token: str) -> RunResult:
     """Write a result into the store: files first (atomically), then its rows in one
-    transaction."""
+    transaction. Intermediate checkpoints go beside the checkpoint as
+    ``<key>.epoch<E>.safetensors``, listed in ``extra["epoch_checkpoints"]["files"]``."""
     checkpoint = store.write_tensors(f"{result.key}.safetensors", result.model_state)
     attack_state = (store.write_tensors(f"{result.key}.attack.safetensors", result.attack_state)
                     if result.attack_state else None)
+    if "epoch_checkpoints" in result.extra:
+        files = [store.write_tensors(epoch_checkpoint_name(result.key, epoch), state)
+                 for epoch, state in sorted(result.epoch_states.items())]
+        result.extra = {**result.extra, "epoch_checkpoints": {
+            **result.extra["epoch_checkpoints"], "files": files}}
     store.complete(result.key, token, status=result.status, history=result.history,
                    metrics=result.metrics, wall_seconds=result.wall_seconds,
                    checkpoint=checkpoint, attack_state=attack_state, error=result.error,
                    extra=result.extra)
     result.checkpoint = checkpoint
     return result
+
+
+def epoch_checkpoint_name(key: str, epoch: int) -> str:
+    return f"{key}.epoch{epoch}.safetensors"
+
+
+def missing_epoch_checkpoints(store: ResultStore, run: StoredRun, every: int | None) -> str | None:
+    """Why a stored run lacks the intermediate checkpoints every ``every`` epochs (None: it has
+    them, or none were asked for)."""
+    if every is None:
+        return None
+    kept = run.extra.get("epoch_checkpoints")
+    if not kept:
+        return "it kept no intermediate checkpoints"
+    if kept.get("every") != every:
+        return f"it kept them every {kept.get('every')} epochs"
+    files = kept.get("files", [])
+    if len(files) != len(kept.get("epochs", [])) or not all(
+            store.resolve(path).is_file() for path in files):
+        return "its intermediate checkpoint files are not in this store"
+    if not run.checkpoint or not store.resolve(run.checkpoint).is_file():
+        return "its checkpoint is not in this store"
+    return None
 
 
 def stored_result(store: ResultStore, run: StoredRun, config: RunConfig) -> RunResult:
@@ -428,14 +481,19 @@ def stored_result(store: ResultStore, run: StoredRun, config: RunConfig) -> RunR
 
 def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root=None,
         force: bool = False, progress: bool = True, log=print, poll_seconds: float = 5.0,
-        loaded: LoadedData | None = None, protocols=None) -> RunResult:
+        loaded: LoadedData | None = None, protocols=None,
+        save_every: int | None = None) -> RunResult:
     """Run one config and record it, or return its stored result if it has finished before.
 
     The key is claimed first: if another live process holds it, this one waits for its result
     instead of training it twice; a claim whose process died is taken over. ``force`` removes
-    the stored run, its metrics and files, and runs it again.
+    the stored run, its metrics and files, and runs it again. ``save_every``: also keep the
+    model's weights every that many epochs (:func:`execute`); a finished run that lacks them, or
+    kept them at another interval, is trained again (same key, same metrics) and replaced.
     """
     config.validate()  # every setting checked before the data loads
+    if save_every is not None:
+        KeepStates(save_every)  # a bad interval fails before the data loads
     loaded = loaded or load_data(config.dataset, data_root)
     key, setup_key = config.key(loaded.fingerprint), config.setup_key(loaded.fingerprint)
     waiting = False
@@ -443,7 +501,13 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
         claim = store.claim(key, setup_key, config.resolved(), library_versions(), git_commit(),
                             device_description(device), force=force)
         if claim.state == "finished":
-            return stored_result(store, claim.run, config)
+            missing = missing_epoch_checkpoints(store, claim.run, save_every)
+            if missing is None:
+                return stored_result(store, claim.run, config)
+            log(f"[{key[:8]}] training it again to keep its weights every {save_every} epochs "
+                f"({missing}); training is deterministic, so its metrics stay the same")
+            force = True
+            continue
         if claim.state == "claimed":
             break
         if not waiting:
@@ -461,7 +525,8 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
                 backdoored_state = load_checkpoint(store, store.get_run(reference.key))
             result = execute(config, loaded=loaded, device=device, progress=progress, log=log,
                              on_epoch=lambda history: store.update_history(key, token, history),
-                             backdoored_state=backdoored_state, protocols=protocols)
+                             backdoored_state=backdoored_state, protocols=protocols,
+                             save_every=save_every)
             return record(store, result, token)
     except BaseException as error:  # an interrupted run is marked; finished ones stay
         store.fail(key, token, f"{type(error).__name__}: {error}")

@@ -404,6 +404,19 @@ class ResultStore:
             path = self.resolve(stored)
             if path is not None:
                 path.unlink(missing_ok=True)
+        for path in self.epoch_checkpoint_files(run.key):
+            path.unlink(missing_ok=True)
+
+    def epoch_checkpoint_files(self, key: str) -> list[Path]:
+        """A run's intermediate checkpoints (``<key>.epoch<E>.safetensors``), found by name
+        rather than read from its ``extra``: every interval's files go, and an imported row's
+        ``extra`` can point nowhere outside the store's checkpoints/."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        prefix, suffix = f"{key}.epoch", ".safetensors"
+        return sorted(path for path in self.checkpoint_dir.iterdir()
+                      if path.name.startswith(prefix) and path.name.endswith(suffix)
+                      and path.name[len(prefix):-len(suffix)].isdigit())
 
     def merge_runs(self, runs: list[dict], replace: bool = False) -> list[tuple[str, str, str | None]]:
         """Insert runs given as plain dicts, all in one transaction (all or nothing).

@@ -158,6 +158,36 @@ class EpochEndHook(TrainHook):
         self.fn(record)
 
 
+class KeepStates(TrainHook):
+    """Keeps a CPU copy of the model's ``state_dict`` every ``every`` epochs and at the last
+    epoch of each training call, in :attr:`states` (epoch -> tensors): the intermediate
+    checkpoints of ``--save-every``.
+
+    It only reads the model after the other hooks' ``on_epoch_end`` (put it last), so training
+    is bitwise the same with or without it: no random draw, no mode change, no write. One
+    instance may follow several training calls; their epochs are numbered one after the other
+    (a second call's first epoch is the first call's last plus one). The copies stay in memory
+    (one model's size each) until they are written out.
+    """
+
+    def __init__(self, every: int):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"save_every must be an integer >= 1 (epochs between kept "
+                             f"checkpoints), got {every!r}")
+        self.every = every
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+        self.epochs_before = 0  # epochs of the calls followed before this one
+
+    def on_epoch_end(self, state: TrainState, record: dict) -> None:
+        epoch = self.epochs_before + state.epoch
+        if epoch % self.every == 0 or state.epoch == state.config.epochs:
+            self.states[epoch] = {name: tensor.detach().to("cpu", copy=True)
+                                  for name, tensor in state.model.state_dict().items()}
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.epochs_before += state.config.epochs
+
+
 def model_input(images: torch.Tensor, data: ImageSet) -> torch.Tensor:
     """uint8 batch on any device -> normalised float batch."""
     return normalize(images.float().div_(255), data.mean, data.std)

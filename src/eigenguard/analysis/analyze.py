@@ -16,6 +16,10 @@ images of :mod:`.samples` (clean, the same images triggered, a mix at the poison
 k is the run's EigenGuard k, or the layer's default (16) for an undefended run. The numbers go
 into the store as metric rows of split ``train``, protocol ``analysis`` (so they travel with
 ``eigenguard export``), into ``analysis.json`` and ``analysis.md`` beside the figures.
+
+With ``save_every`` N, the same numbers over training (effective rank and ASR per kept epoch,
+the source's Figure 1; :mod:`.over_training`), from checkpoints kept every N epochs; a run that
+lacks them is trained again first (same key, same metrics).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from ..layer import EigenGuard, find_guards
 from ..store import ResultStore, StoredRun
 from . import figures
 from .capture import GUARD_INPUT, GUARD_OUTPUT, capture_features, running_directions
+from .over_training import OverTraining, analyze_over_training, ensure_epoch_checkpoints
 from .samples import load_for_analysis
 from .spectrum import (effective_rank, shift_alignment, spectrum, split_projection,
                        triggered_share_per_direction, triggered_share_summary, tsne_embedding)
@@ -53,9 +58,12 @@ class RunAnalysis:
     points: dict[str, dict] = field(default_factory=dict)  # point -> numbers
     figures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    over_training: OverTraining | None = None  # with save_every
 
     def metric_rows(self) -> list[dict]:
         rows = [dict(split="train", protocol=PROTOCOL, metric="k", value=float(self.k))]
+        if self.over_training is not None:
+            rows += self.over_training.metric_rows()
         for point, numbers in self.points.items():
             rows += [dict(split="train", protocol=PROTOCOL, metric=f"{point}.{name}",
                           value=float(value)) for name, value in numbers.items()
@@ -127,15 +135,23 @@ def tsne_point(model, points) -> str:
 
 def analyze_run(store: ResultStore, run: StoredRun, *, out_dir, count: int = 1000,
                 k: int | None = None, seed: int = 0, data_root=None, device="cpu",
-                tsne: bool = True, log=print) -> RunAnalysis:
+                tsne: bool = True, log=print, save_every: int | None = None,
+                progress: bool = False) -> RunAnalysis:
     """Every analysis of one stored run; figures and numbers under ``out_dir/<key[:8]>/``,
-    numbers recorded in the store."""
+    numbers recorded in the store. ``save_every``: also the analysis over training, from
+    checkpoints every that many epochs (the run is trained again first if it lacks them, with
+    ``progress`` bars)."""
+    if save_every is not None:  # before single_thread: a retraining wants every thread
+        run = ensure_epoch_checkpoints(store, run, save_every, data_root=data_root,
+                                       device=device, progress=progress, log=log)
     with single_thread():  # the N × N eigendecompositions lose many times over to contention
         return _analyze_run(store, run, out_dir=out_dir, count=count, k=k, seed=seed,
-                            data_root=data_root, device=device, tsne=tsne, log=log)
+                            data_root=data_root, device=device, tsne=tsne, log=log,
+                            over_training=save_every is not None)
 
 
-def _analyze_run(store, run, *, out_dir, count, k, seed, data_root, device, tsne, log):
+def _analyze_run(store, run, *, out_dir, count, k, seed, data_root, device, tsne, log,
+                 over_training=False):
     clock = time.monotonic()
     loaded = load_for_analysis(store, run, count=count, seed=seed, data_root=data_root)
     model, samples = loaded.model, loaded.samples
@@ -174,6 +190,11 @@ def _analyze_run(store, run, *, out_dir, count, k, seed, data_root, device, tsne
         analysis.figures.append(tsne_figure(folder / f"tsne-{point}.png", features[point],
                                             samples, k, seed, f"{run.key[:8]} ({label}) at "
                                                               f"{point}"))
+    if over_training:
+        analysis.over_training = analyze_over_training(
+            store, run, folder=folder, count=count, seed=seed, samples=samples,
+            data_root=data_root, device=device, log=log)
+        analysis.figures += analysis.over_training.figures
     analysis.seconds = time.monotonic() - clock
     write_outputs(folder, analysis)
     store.record_metrics(run.key, analysis.metric_rows())
@@ -199,8 +220,12 @@ def write_outputs(folder: Path, analysis: RunAnalysis) -> None:
     numbers = {"key": analysis.key, "label": analysis.label, "k": analysis.k,
                "seconds": round(analysis.seconds, 1), "points": analysis.points,
                "figures": [path.name for path in analysis.figures]}
+    tables = [markdown_table([analysis])]
+    if analysis.over_training is not None:
+        numbers["over_training"] = analysis.over_training.as_json()
+        tables.append(analysis.over_training.markdown())
     (folder / "analysis.json").write_text(json.dumps(numbers, indent=1, default=float))
-    (folder / "analysis.md").write_text(markdown_table([analysis]) + "\n")
+    (folder / "analysis.md").write_text("\n\n".join(tables) + "\n")
 
 
 #: the columns of the side-by-side table: (metric, heading)
