@@ -117,3 +117,18 @@ def test_cli_analyze_and_its_errors(stored, analysed, synthetic_root, tmp_path, 
     assert main(["analyze", stored_run.key[:8], "--store", str(bare.path), "--data-root",
                  str(synthetic_root)]) == 2
     assert "has no checkpoint" in capsys.readouterr().err
+
+
+def test_other_data_files_are_refused_with_the_fix(stored, tmp_path):
+    """The analysis and the re-evaluation read the run's data through one check: files whose
+    content differs from those the run was trained on are named, with --data-root as the fix."""
+    from conftest import write_synthetic_idx_dataset
+    from eigenguard.experiment import reevaluate
+
+    store, stored_run = stored
+    other = write_synthetic_idx_dataset(tmp_path / "other", seed=5)
+    with pytest.raises(ValueError, match="not the data run .* --data-root"):
+        analyze_run(store, stored_run, out_dir=tmp_path, count=30, data_root=other,
+                    tsne=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="not the data run .* --data-root"):
+        reevaluate(store, stored_run, data_root=other, progress=False, log=lambda *a: None)

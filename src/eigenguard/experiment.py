@@ -547,6 +547,19 @@ def load_run_model(store: ResultStore, run: StoredRun, data: ImageSet) -> nn.Mod
     return model
 
 
+def load_run_splits(run: StoredRun, data_root=None) -> tuple[RunConfig, Splits]:
+    """A stored run's config and its splits, from data files checked to be the ones it was
+    trained on (the fingerprint recorded with the run)."""
+    config = RunConfig.from_dict(run.config)
+    loaded = load_data(config.dataset, data_root)
+    recorded = run.extra.get("data_fingerprint")
+    if recorded and recorded != loaded.fingerprint:
+        raise ValueError(f"the {config.dataset} files found (fingerprint {loaded.fingerprint}) "
+                         f"are not the data run {run.key[:8]} was trained on ({recorded}): "
+                         "pass the original files with --data-root")
+    return config, run_splits(config, loaded)
+
+
 def load_run_attack(store: ResultStore, run: StoredRun):
     """The attack the run's model was poisoned with, with its fitted state restored."""
     attack = RunConfig.from_dict(run.config).build_attack()
@@ -565,14 +578,7 @@ def reevaluate(store: ResultStore, run: StoredRun, *, data_root=None, protocols=
     if run.status not in ("finished", "evaluation-failed"):
         raise ValueError(f"run {run.key} is {run.status}: only a trained run can be evaluated "
                          "(run it again to train it)")
-    config = RunConfig.from_dict(run.config)
-    loaded = load_data(config.dataset, data_root)
-    recorded = run.extra.get("data_fingerprint")
-    if recorded and recorded != loaded.fingerprint:
-        raise ValueError(f"the {config.dataset} files found (fingerprint {loaded.fingerprint}) "
-                         f"are not the data run {run.key[:8]} was trained on ({recorded}): "
-                         "pass the original files with --data-root")
-    splits = run_splits(config, loaded)
+    config, splits = load_run_splits(run, data_root)
     model = load_run_model(store, run, splits.train)
     attack = load_run_attack(store, run)
     metrics, errors = evaluate_model(config, model, attack, splits, protocols=protocols,

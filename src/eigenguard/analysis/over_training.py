@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from ..evaluate import evaluate
-from ..experiment import (RunConfig, build_model, load_run_attack, missing_epoch_checkpoints,
-                          poison_training_set, run, run_splits)
+from ..experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
+                          missing_epoch_checkpoints, poison_training_set, run)
 from ..layer import find_guards
 from ..seeding import generator
 from ..splits import load_data
@@ -181,13 +181,7 @@ def analyze_over_training(store: ResultStore, stored: StoredRun, *, folder, coun
     if not kept.get("epochs"):
         raise ValueError(f"run {stored.key[:8]} ({label}) kept no epoch: it trained nothing on "
                          "the poisoned set")
-    loaded = load_data(config.dataset, data_root)
-    recorded = stored.extra.get("data_fingerprint")
-    if recorded and recorded != loaded.fingerprint:
-        raise ValueError(f"the {config.dataset} files found are not the data run "
-                         f"{stored.key[:8]} was trained on: pass the original files with "
-                         "--data-root")
-    splits = run_splits(config, loaded)
+    splits = load_run_splits(stored, data_root)[1]
     attack = load_run_attack(store, stored)
     if samples is None:
         poisoned = poison_training_set(attack, config, splits.train)

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data import ImageSet
-from ..experiment import (RunConfig, load_run_attack, load_run_model, poison_training_set,
-                          run_splits)
+from ..experiment import (RunConfig, load_run_attack, load_run_model, load_run_splits,
+                          poison_training_set)
 from ..seeding import generator
-from ..splits import load_data
 from ..store import ResultStore, StoredRun
 
 
@@ -53,14 +52,7 @@ def load_for_analysis(store: ResultStore, run: StoredRun, *, count: int, seed: i
         raise ValueError(f"run {run.key[:8]} has no checkpoint in this store (runs imported "
                          "from JSON Lines carry none): run it again with `eigenguard run` or "
                          "`eigenguard sweep` to train it here")
-    config = RunConfig.from_dict(run.config)
-    loaded = load_data(config.dataset, data_root)
-    recorded = run.extra.get("data_fingerprint")
-    if recorded and recorded != loaded.fingerprint:
-        raise ValueError(f"the {config.dataset} files found are not the data run "
-                         f"{run.key[:8]} was trained on: pass the original files with "
-                         "--data-root")
-    splits = run_splits(config, loaded)
+    config, splits = load_run_splits(run, data_root)
     attack = load_run_attack(store, run)
     poisoned = poison_training_set(attack, config, splits.train)
     model = load_run_model(store, run, splits.train)
