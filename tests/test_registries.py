@@ -58,3 +58,10 @@ def test_unknown_defense_lists_the_known_ones():
         create_defense("eigengaurd")
     with pytest.raises(ValueError, match="k must be"):
         create_defense("eigenguard", k=0)
+
+
+def test_defense_labels_name_the_settings_that_differ_from_the_defaults():
+    assert create_defense("eigenguard").label() == "eigenguard(k=16)"
+    assert create_defense("eigenguard", scale="zero", k=8).label() == "eigenguard(k=8, scale=zero)"
+    assert create_defense("ft").label() == "ft"
+    assert create_defense("ft", epochs=3).label() == "ft(epochs=3)"

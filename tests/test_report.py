@@ -56,7 +56,7 @@ def _stored_run(store, key, seed, defense, evaluations):
                    checkpoint=None, attack_state=None)
 
 
-EG = "eigenguard(k=4, after=layer1, tail=0.001, scale=kth, eval=running, stats_every=2)"
+EG = "eigenguard(k=4)"
 
 
 def test_report_der_against_the_undefended_run_of_the_same_setup(tmp_path):

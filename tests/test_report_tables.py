@@ -4,8 +4,8 @@ import pytest
 from eigenguard.report_tables import (TUNING_NOTE, format_source_markdown, source_tables)
 from eigenguard.store import ResultStore
 
-EG = "eigenguard(k=32, after=layer1, tail=0.001, scale=kth, eval=running, stats_every=2)"
-EG8 = "eigenguard(k=8, after=layer1, tail=0.001, scale=kth, eval=running, stats_every=2)"
+EG = "eigenguard(k=32)"
+EG8 = "eigenguard(k=8)"
 
 
 def add_run(store, key, *, defense="none", seed=0, attack="badnets", ratio=0.1, k=32,

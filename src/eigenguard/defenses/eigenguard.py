@@ -45,8 +45,11 @@ class EigenGuardDefense(Defense):
         return settings
 
     def label(self) -> str:
-        return (f"eigenguard(k={self.k}, after={self.after}, tail={self.tail_scale}, "
-                f"scale={self.scale}, eval={self.eval_mode}, stats_every={self.stats_every})")
+        """k always (the setting the tables compare most), then the settings that differ from
+        the defaults: ``eigenguard(k=16)``, ``eigenguard(k=16, scale=zero)``."""
+        changed = super().label().partition("(")[2].rstrip(")")
+        rest = [part for part in changed.split(", ") if part and not part.startswith("k=")]
+        return f"eigenguard({', '.join([f'k={self.k}', *rest])})"
 
     def prepare_model(self, model):
         guard(model, after=self.after, **self.layer_settings())
