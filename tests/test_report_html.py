@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from eigenguard.report_cost import cost_rows, total_text
 from eigenguard.report_html import plot_files, write_html_report  # noqa: E402
 from eigenguard.report_tables import format_source_markdown, source_tables  # noqa: E402
 from eigenguard.store import ResultStore  # noqa: E402
@@ -43,13 +44,15 @@ class Cells(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.tables, self.row, self.cell = [], None, None
+        self.tables, self.row, self.cell, self.active = [], None, None, False
 
     def handle_starttag(self, tag, attrs):
         classes = dict(attrs).get("class") or ""
-        if tag == "table" and "results" in classes:
-            self.tables.append([])
-        elif tag == "tr" and self.tables:
+        if tag == "table":  # the compute table holds no results
+            self.active = "results" in classes and "compute" not in classes
+            if self.active:
+                self.tables.append([])
+        elif tag == "tr" and self.active:
             self.row = []
         elif tag == "td" and "num" in classes and self.row is not None:
             self.cell = ""
@@ -144,3 +147,12 @@ def test_an_empty_selection_still_writes_a_page(tmp_path):
     store = ResultStore(tmp_path / "s.sqlite")
     page = write_html_report(store, [], tmp_path / "r.html", title="t").read_text()
     assert "No finished run" in page and "<img " not in page
+
+
+def test_the_page_states_the_compute_per_defense(tmp_path):
+    store = full_store(tmp_path / "s.sqlite")
+    page = write_html_report(store, None, tmp_path / "report.html", title="t").read_text()
+    rows = cost_rows(store, None)
+    assert f"{total_text(rows)}</a>" in page and 'id="compute"' in page
+    for row in rows:
+        assert f"<td>{row.defense}</td><td class=num>{row.runs}</td>" in page

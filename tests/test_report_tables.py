@@ -9,7 +9,8 @@ EG8 = "eigenguard(k=8)"
 
 
 def add_run(store, key, *, defense="none", seed=0, attack="badnets", ratio=0.1, k=32,
-            evaluations=None, split="test", history=(), commit="abcdef0123456789"):
+            evaluations=None, split="test", history=(), commit="abcdef0123456789",
+            wall_seconds=1.0):
     """A finished run; ``evaluations``: {protocol: (acc, asr, ra)} as fractions."""
     config = {"dataset": "fashion-mnist", "model": "preact_resnet18", "width": 16,
               "attack": attack, "attack_settings": {}, "poison_ratio": ratio, "seed": seed,
@@ -20,7 +21,7 @@ def add_run(store, key, *, defense="none", seed=0, attack="badnets", ratio=0.1, 
                for protocol, (acc, asr, ra) in (evaluations or {}).items()
                for name, value in (("acc", acc), ("asr", asr), ("ra", ra), ("batch_size", 128))]
     store.complete(key, token, status="finished", history=list(history), metrics=metrics,
-                   wall_seconds=1.0, checkpoint=None, attack_state=None)
+                   wall_seconds=wall_seconds, checkpoint=None, attack_state=None)
 
 
 def row(table, attack, metric):

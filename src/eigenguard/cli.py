@@ -238,11 +238,13 @@ def cmd_report(args) -> int:
                                    tuning_attacks=tuning, protocol=args.protocol):
                 print(f"wrote {path}", file=sys.stderr)
     if args.source_layout:
+        from .report_cost import cost_rows, format_cost_markdown
         from .report_tables import format_source_markdown, source_tables
 
         print(format_source_markdown(source_tables(store, runs, split=args.split,
                                                    tuning_attacks=tuning,
                                                    protocol=args.protocol)))
+        print(format_cost_markdown(cost_rows(store, runs)))
         return 0
     if args.wide:
         rows, columns = wide_rows(store, runs, args.split), WIDE_COLUMNS

@@ -29,6 +29,8 @@ from pathlib import Path
 from .errors import EigenGuardError
 from .evaluate import PROTOCOLS
 from .report import _finished_runs, _short_commit
+from .report_cost import COLUMNS as COST_COLUMNS
+from .report_cost import CostRow, cost_cells, cost_rows, total_text
 from .report_tables import (LEGEND, NO_DEFENSE, PROTOCOL_MARK, UNLEARNED_MARK, Column,
                             RunValues, Table, setting_text, source_tables)
 from .store import ResultStore, StoredRun
@@ -552,6 +554,17 @@ def table_html(table: Table, number: int) -> str:
     return "\n".join(parts)
 
 
+def cost_html(rows: list[CostRow]) -> str:
+    """The compute table (:mod:`eigenguard.report_cost`) as HTML."""
+    head = "".join(f"<th>{_e(name)}</th>" for name in COST_COLUMNS)
+    body = "".join("<tr>" + "".join(f'<td{"" if i == 0 else " class=num"}>{_e(cell)}</td>'
+                                    for i, cell in enumerate(cost_cells(row))) + "</tr>"
+                   for row in rows)
+    return (f'<h3 id="compute">Compute</h3><table class="results compute"><caption>{_e(total_text(rows))}'
+            "; wall time per run on the machine that ran it (a post-training defense counts its "
+            f"repair only).</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
 def _commits(runs: list[StoredRun]) -> str:
     counts: dict[str, int] = {}
     for run in runs:
@@ -577,6 +590,7 @@ def write_html_report(store: ResultStore, runs: list[StoredRun] | None, path, *,
                            protocol=protocol)
     finished = _finished_runs(store, runs)
     plots = report_plots(tables)
+    costs = cost_rows(store, runs)
     if command is None:
         command_html = "<dd>not recorded</dd>"
     else:
@@ -591,6 +605,7 @@ def write_html_report(store: ResultStore, runs: list[StoredRun] | None, path, *,
             f"<dt>Runs</dt><dd>{len(finished)} finished run{'s' * (len(finished) != 1)}, "
             f"{settings} setting{'s' * (settings != 1)}, seeds {_e(', '.join(seeds) or '-')}</dd>",
             f"<dt>Git commits</dt><dd>{_commits(finished)}</dd>",
+            f"<dt>Compute</dt><dd><a href=\"#compute\">{_e(total_text(costs))}</a></dd>",
             f"<dt>Store</dt><dd><code>{_e(store.path)}</code></dd>",
             f"<dt>Generated</dt><dd>{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</dd>",
             "</dl>",
@@ -602,6 +617,7 @@ def write_html_report(store: ResultStore, runs: list[StoredRun] | None, path, *,
         body += [table_html(table, number) for number, table in enumerate(tables, 1)]
     else:
         body.append('<p class="skipped">No finished run among the selected runs.</p>')
+    body.append(cost_html(costs))
     body.append("<h2>Plots</h2>")
     for plot in plots:
         body.append(f'<h3 id="{plot.name}">{_e(plot.title)}</h3>')
