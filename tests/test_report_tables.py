@@ -189,3 +189,20 @@ def test_an_attack_the_undefended_model_did_not_learn_is_marked(store):
     assert labels == {"badnets§", "blended"}
     assert UNLEARNED_NOTE in table.footnotes
     assert "badnets§" in format_source_markdown([table])
+
+
+def test_runs_below_their_papers_budget_are_marked_and_named(store):
+    """A defense or attack whose settings fall short of its paper's budget (DBD's SimCLR epochs,
+    LC's PGD steps) is marked ° in the table and its reduced settings are listed."""
+    for key, attack, defense in (("n", "lc", "none"), ("d", "lc", "dbd"), ("b", "badnets", "none"),
+                                 ("f", "badnets", "fp")):
+        add_run(store, key, attack=attack, defense=defense,
+                evaluations={"triggered": (0.8, 0.5, 0.4)})
+    [table] = source_tables(store, None)
+    assert [c.name for c in table.columns] == ["No defense", "dbd°", "fp"]
+    assert {row.attack_label for row in table.rows} == {"lc°", "badnets"}
+    [note] = [n for n in table.footnotes if n.startswith("°")]
+    assert ("lc: steps 20 (paper 100), helper_steps 3 (paper 7), helper_epochs 4 (paper 200); "
+            "dbd: ssl_epochs 8 (paper 100), semi_epochs 4 (paper 190)") in note
+    assert "fp" not in note and "badnets" not in note
+    assert "| No defense | dbd° | fp |" in format_source_markdown([table])

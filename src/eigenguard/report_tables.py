@@ -23,6 +23,8 @@ import json
 import statistics
 from dataclasses import dataclass, field
 
+from .attacks import create_attack
+from .budgets import REDUCED_MARK, reduced_note, reduced_text
 from .defenses.registry import DEFENSES
 from .errors import EigenGuardError
 from .evaluate import PROTOCOLS, der
@@ -108,6 +110,20 @@ def _defense_instance(run: StoredRun):
         return None
 
 
+def _attack_instance(run: StoredRun):
+    """The run's attack, rebuilt from its stored settings (None where it cannot be)."""
+    try:
+        return create_attack(run.config["attack"], **dict(run.config.get("attack_settings") or {}))
+    except (EigenGuardError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _reduced(component, name: str) -> str | None:
+    """The footnote entry of a component below its paper's budget (None when it is not)."""
+    reduced = component.reduced_settings() if component is not None else {}
+    return reduced_text(name, reduced) if reduced else None
+
+
 def _independent(defense, protocol: str) -> bool | None:
     """``defense.batch_independent`` for a protocol, without a model (None where it needs one)."""
     try:
@@ -124,6 +140,7 @@ class Column:
     defense: str
     protocol: str = "triggered"
     batch_dependent: bool = False
+    reduced: bool = False  # below its paper's budget (:mod:`eigenguard.budgets`)
 
     @property
     def undefended(self) -> bool:
@@ -132,7 +149,7 @@ class Column:
     @property
     def name(self) -> str:
         """The column's name without the protocol ("No defense" or the defense's label)."""
-        return NO_DEFENSE if self.undefended else self.label
+        return NO_DEFENSE if self.undefended else self.label + REDUCED_MARK * self.reduced
 
     @property
     def header(self) -> str:
@@ -207,10 +224,11 @@ class Row:
     tuning: bool
     cells: list[Cell | None]
     unlearned: bool = False  # the undefended model did not learn this backdoor
+    reduced: bool = False  # the attack ran below its paper's budget
 
     @property
     def attack_label(self) -> str:
-        return (self.attack + (DAGGER if self.tuning else "")
+        return (self.attack + (DAGGER if self.tuning else "") + REDUCED_MARK * self.reduced
                 + (UNLEARNED_MARK if self.unlearned else ""))
 
 
@@ -390,14 +408,19 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
     attacks: list[str] = []
     tuning: set[str] = set()
     by_cell: dict[tuple[str, str], list[RunValues]] = {}
+    reduced: dict[str, str] = {}  # label or attack name -> its footnote entry
     for run in runs:
         label = _defense_label(run)
         if label not in defense_of:
             defense_of[label] = run.config.get("defense")
             labels.append(label)
+            if note := _reduced(_defense_instance(run), label):
+                reduced[label] = note
         attack = _attack_name(run.config, variants)
         if attack not in attacks:
             attacks.append(attack)
+            if note := _reduced(_attack_instance(run), attack):
+                reduced[attack] = note
         if run.config.get("attack") in tuning_attacks:
             tuning.add(attack)
         by_cell.setdefault((attack, label), []).append(
@@ -408,7 +431,7 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
     for label in labels:
         column_runs = [values for (_, l), cell in by_cell.items() if l == label for values in cell]
         chosen, dependent = _column_protocol(column_runs, protocol)
-        columns.append(Column(label, defense_of[label], chosen, dependent))
+        columns.append(Column(label, defense_of[label], chosen, dependent, label in reduced))
 
     rows, kept = [], {}
     for attack in attacks:
@@ -418,7 +441,7 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
                 found = by_cell.get((attack, column.label), [])
                 kept[(attack, index)] = found
                 cells.append(_cell(found, column, metric, references))
-            rows.append(Row(attack, metric, attack in tuning, cells))
+            rows.append(Row(attack, metric, attack in tuning, cells, reduced=attack in reduced))
     for row in rows:
         _mark_best(row, columns)
     _mark_unlearned(rows, columns)
@@ -432,6 +455,9 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
     caption = setting_text(setting) + (f" ({extra})" if extra else "")
     table.caption = f"{caption}; {split} split; mean ± sample std over seeds, {seeds}"
     table.footnotes = _footnotes(table)
+    entries = [reduced[name] for name in [*attacks, *labels] if name in reduced]
+    if entries:
+        table.footnotes.append(reduced_note(entries))
     return table
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..budgets import reduced_budget
 from ..data import ImageSet
 from ..errors import EigenGuardError
 
@@ -95,6 +96,11 @@ class Attack:
     def settings(self) -> dict:
         """The constructor settings, for configs and reports."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def reduced_settings(self) -> dict[str, tuple]:
+        """{setting: (this value, the paper's)} for every setting below the paper's budget
+        (``paper_budget``, :mod:`eigenguard.budgets`); the report marks such runs."""
+        return reduced_budget(self)
 
     def fit(self, train: ImageSet, *, seed: int = 0, device: str | torch.device = "cpu") -> "Attack":
         """Learn what the trigger needs from the (clean) training set; returns self."""

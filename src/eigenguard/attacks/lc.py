@@ -281,11 +281,6 @@ class LC(Attack):
     def is_fitted(self) -> bool:
         return self._helper is not None
 
-    def reduced_settings(self) -> dict[str, tuple]:
-        """{setting: (this value, the paper's)} for every setting below the paper's budget."""
-        return {name: (getattr(self, name), paper) for name, paper in self.paper_budget.items()
-                if getattr(self, name) < paper}
-
     # -- fitting -------------------------------------------------------------------------------
 
     def fit(self, train: ImageSet, *, seed: int = 0, device: str | torch.device = "cpu") -> "LC":

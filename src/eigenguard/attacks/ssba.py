@@ -96,6 +96,8 @@ width are checked).
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import copy
 import math
 from dataclasses import dataclass
@@ -235,6 +237,8 @@ class SSBA(Attack):
     eps: float = 8.0
     fidelity_weight: float = 30.0
     width: int = 16
+    #: StegaStamp's training steps (:mod:`eigenguard.budgets`: the report marks runs below them)
+    paper_budget: ClassVar[dict] = {"steps": 140000}
     steps: int = 750
     train_size: int = 16000
     batch_size: int = 64

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..budgets import reduced_budget
 from ..data import ImageSet
 from ..errors import EigenGuardError
 
@@ -93,6 +94,11 @@ class Defense:
 
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def reduced_settings(self) -> dict[str, tuple]:
+        """{setting: (this value, the paper's)} for every setting below the paper's budget
+        (``paper_budget``, :mod:`eigenguard.budgets`); the report marks such runs."""
+        return reduced_budget(self)
 
     def label(self) -> str:
         """Short name for tables: the registered name and the settings that differ from the

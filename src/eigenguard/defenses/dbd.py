@@ -62,6 +62,8 @@ an image-only copy; DBD is meant for data poisoning.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 import time
 from contextlib import contextmanager
@@ -334,6 +336,8 @@ class DecouplingDefense(Defense):
     """SimCLR backbone, SCE head, low-loss split, MixMatch-style fine-tuning (see the module
     docstring for the stages and the defaults)."""
 
+    #: BackdoorBench's SimCLR epochs and the paper's MixMatch epochs (of 1,024 iterations each) (:mod:`eigenguard.budgets`: the report marks runs below them)
+    paper_budget: ClassVar[dict] = {"ssl_epochs": 100, "semi_epochs": 190}
     ssl_epochs: int = 8
     temperature: float = 0.5
     projection_dim: int = 128

@@ -16,6 +16,8 @@ are its seeded random streams: FT draws no randomness of its own.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import time
 from dataclasses import dataclass
 
@@ -38,6 +40,8 @@ def final_record(history: list[dict]) -> dict:
 class FineTune(Repair):
     """Fine-tune the backdoored model on the clean reserve (``epochs`` at ``lr``, cosine)."""
 
+    #: BackdoorBench's fine-tuning epochs (:mod:`eigenguard.budgets`: the report marks runs below them)
+    paper_budget: ClassVar[dict] = {"epochs": 100}
     epochs: int = 10
     lr: float = 0.01
 
