@@ -65,6 +65,7 @@ def test_attack_conformance(name, channels, size):
     assert out.data_ptr() != data.images.data_ptr()
     assert torch.equal(data.images, before)
     assert torch.equal(attack.apply(data.images), out)  # deterministic
+    assert not torch.equal(out, data.images)  # the trigger changes something
 
     for ratio in (0.1, 0.07):
         poisoned = attack.poison(data, ratio, TARGET, seed=5)
