@@ -18,13 +18,10 @@ from .store import ResultStore, StoredRun
 class CostRow:
     defense: str
     runs: int
-    mean_seconds: float
+    median_seconds: float  # the typical run: robust to a run slowed by other work on the machine
     min_seconds: float
     max_seconds: float
-
-    @property
-    def total_seconds(self) -> float:
-        return self.mean_seconds * self.runs
+    total_seconds: float
 
 
 def cost_rows(store: ResultStore, runs: list[StoredRun] | None) -> list[CostRow]:
@@ -34,8 +31,8 @@ def cost_rows(store: ResultStore, runs: list[StoredRun] | None) -> list[CostRow]
     for run in _finished_runs(store, runs):
         if run.wall_seconds is not None:
             seconds.setdefault(_defense_label(run), []).append(float(run.wall_seconds))
-    return [CostRow(label, len(values), statistics.fmean(values), min(values), max(values))
-            for label, values in seconds.items()]
+    return [CostRow(label, len(values), statistics.median(values), min(values), max(values),
+                    sum(values)) for label, values in seconds.items()]
 
 
 def duration(seconds: float) -> str:
@@ -54,11 +51,11 @@ def total_text(rows: list[CostRow]) -> str:
             f"run{'s' * (runs != 1)}")
 
 
-COLUMNS = ("Defense", "Runs", "Mean per run", "Range", "Total")
+COLUMNS = ("Defense", "Runs", "Median per run", "Range", "Total")
 
 
 def cost_cells(row: CostRow) -> list[str]:
-    return [row.defense, str(row.runs), duration(row.mean_seconds),
+    return [row.defense, str(row.runs), duration(row.median_seconds),
             f"{duration(row.min_seconds)} – {duration(row.max_seconds)}",
             duration(row.total_seconds)]
 
