@@ -70,6 +70,10 @@ def test_analysis_numbers_are_recorded_and_written(analysed, stored):
         assert name in layer_input
     for name in ("shift_in_top_k", "shift_in_running_top_k", "sample_shift_in_top_k"):
         assert 0.0 <= layer_input[name] <= 1.0 + 1e-9
+    # the label-conditional signature: the poison's label (the target, 0) and its numbers
+    assert layer_input["label_signature.poison_label_ratio"] >= 1.0
+    assert layer_input["label_signature.poison_label_has_max_ratio"] in (0.0, 1.0)
+    assert layer_input["label_signature.separation"] >= 0.0
     # after the running filter the shift lies in its k directions (the tail is damped 1000-fold)
     assert analysis.points["block1_eigenguard.out"]["shift_in_top_k"] > 0.999
     rows = {row["metric"]: row["value"] for row in store.metrics(stored_run.key)

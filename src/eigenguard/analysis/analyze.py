@@ -12,6 +12,9 @@ images of :mod:`.samples` (clean, the same images triggered, a mix at the poison
   inside its *running* top-k subspace, the one its running mode equalises, all else being damped;
 - a t-SNE of the features at the layer's input (or after ``layer1``), projected on the top-k
   eigenspace and on the rest (the source's Figure 2).
+- label by label in the mix (labels as trained on), the top-to-second energy ratio of the
+  centred features, and how far the poisoned rows sit from the clean ones of their label along
+  its top direction (:mod:`.signatures`: would a class-conditional statistic see the poison?).
 
 k is the run's EigenGuard k, or the layer's default (16) for an undefended run. The numbers go
 into the store as metric rows of split ``train``, protocol ``analysis`` (so they travel with
@@ -38,6 +41,7 @@ from . import figures
 from .capture import GUARD_INPUT, GUARD_OUTPUT, capture_features, running_directions
 from .over_training import OverTraining, analyze_over_training, ensure_epoch_checkpoints
 from .samples import load_for_analysis
+from .signatures import label_signatures
 from .spectrum import (effective_rank, shift_alignment, spectrum, split_projection,
                        triggered_share_per_direction, triggered_share_summary, tsne_embedding)
 
@@ -91,8 +95,10 @@ def collect_features(model, samples, *, device="cpu") -> dict[str, dict[str, tor
 
 
 def point_numbers(feats: dict[str, torch.Tensor], poisoned: torch.Tensor, k: int,
-                  running: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """The numbers of one capture point, and the curves its figures draw."""
+                  running: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """The numbers of one capture point, and the curves its figures draw. ``labels``: the mix's
+    labels as trained on, for the label-conditional signatures (:mod:`.signatures`)."""
     clean = spectrum(feats["clean"], top=CURVE_DIRECTIONS)
     mix = spectrum(feats["mix"], all_left=True)
     spectra = {"clean": clean.values, "triggered": spectrum(feats["triggered"]).values,
@@ -109,6 +115,11 @@ def point_numbers(feats: dict[str, torch.Tensor], poisoned: torch.Tensor, k: int
                         "poisoned_energy_in_top_k": summary["triggered_energy_in_top"],
                         "clean_energy_in_top_k": summary["clean_energy_in_top"]})
         curves["shares"], curves["row_share"] = shares, row_share
+        if labels is not None:
+            found = label_signatures(feats["mix"], labels, poisoned)
+            numbers.update({f"label_signature.{name}": float(found[name]) for name in (
+                "poison_label_ratio", "max_other_ratio", "poison_label_has_max_ratio",
+                "separation")})
     if len(clean.right) >= k:
         alignment = shift_alignment(feats["clean"], feats["triggered"], clean.right)
         numbers.update({"shift_in_top_k": float(alignment["cumulative"][k]),
@@ -167,7 +178,8 @@ def _analyze_run(store, run, *, out_dir, count, k, seed, data_root, device, tsne
     features = collect_features(model, samples, device=device)
     shift_curves, share_curves, row_share = {}, {}, None
     for point, feats in features.items():
-        numbers, curves = point_numbers(feats, samples.mix_poisoned, k, running.get(point))
+        numbers, curves = point_numbers(feats, samples.mix_poisoned, k, running.get(point),
+                                        samples.mix_labels)
         analysis.points[point] = numbers
         analysis.figures.append(figures.plot_spectra(
             folder / f"spectra-{point}.png", curves["spectra"], k,
@@ -234,7 +246,10 @@ TABLE_COLUMNS = (("effective_rank.clean", "eff. rank clean"),
                  ("effective_rank.mix", "eff. rank mix"),
                  ("poisoned_enrichment_top_k", "poisoned enrichment top k"),
                  ("shift_in_top_k", "shift in top k %"),
-                 ("shift_in_running_top_k", "shift in running top k %"))
+                 ("shift_in_running_top_k", "shift in running top k %"),
+                 ("label_signature.poison_label_ratio", "poison label σ₁²/σ₂²"),
+                 ("label_signature.max_other_ratio", "other labels' max σ₁²/σ₂²"),
+                 ("label_signature.separation", "poison separation (sd)"))
 
 
 def markdown_table(analyses: list[RunAnalysis]) -> str:
