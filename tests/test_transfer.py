@@ -281,7 +281,10 @@ def test_open_results_reports_from_a_jsonl_file_or_a_folder_of_them(source, tmp_
     both = open_results(folder)
     assert sorted(run.key for run in both.find_runs()) == ["aaa1", "bbb2"]
     assert both.evaluations("bbb2")[0]["asr"] == 0.0
+    # reports name the files they read, not the temporary store they were imported into
+    assert both.description == f"{folder} (JSON Lines: part1.jsonl, part2.jsonl)"
     assert open_results(source.path).path == source.path  # a store opens as itself
+    assert open_results(source.path).description == str(source.path)
     with pytest.raises(EigenGuardError, match="no result store at"):
         open_results(tmp_path / "missing.sqlite")
     with pytest.raises(EigenGuardError, match="no results file at"):

@@ -606,7 +606,7 @@ def write_html_report(store: ResultStore, runs: list[StoredRun] | None, path, *,
             f"{settings} setting{'s' * (settings != 1)}, seeds {_e(', '.join(seeds) or '-')}</dd>",
             f"<dt>Git commits</dt><dd>{_commits(finished)}</dd>",
             f"<dt>Compute</dt><dd><a href=\"#compute\">{_e(total_text(costs))}</a></dd>",
-            f"<dt>Store</dt><dd><code>{_e(store.path)}</code></dd>",
+            f"<dt>Results</dt><dd><code>{_e(store.description)}</code></dd>",
             f"<dt>Generated</dt><dd>{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</dd>",
             "</dl>",
             '<nav><a href="#tables">Tables</a>'

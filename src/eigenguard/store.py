@@ -149,6 +149,8 @@ class ResultStore:
     def __init__(self, path: str | os.PathLike | None = None, create: bool = True,
                  stale_after: float = DEFAULT_STALE_AFTER):
         self.path = Path(path).expanduser().resolve() if path else default_store_path()
+        #: what reports name as their source (a temporary store built from JSON Lines names them)
+        self.description = str(self.path)
         self.stale_after = stale_after
         if not create and not self.path.is_file():
             raise StoreNotFoundError(

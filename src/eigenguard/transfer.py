@@ -301,4 +301,5 @@ def open_results(path: str | os.PathLike) -> ResultStore:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     store = ResultStore(Path(folder) / "results.sqlite")
     import_runs(store, sources)
+    store.description = f"{path} (JSON Lines: {', '.join(source.name for source in sources)})"
     return store
