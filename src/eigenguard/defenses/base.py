@@ -104,9 +104,13 @@ class Defense:
         """Short name for tables: the registered name and the settings that differ from the
         defaults."""
         name = getattr(type(self), "registered_name", type(self).__name__)
-        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                   if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
+        changed = self.changed_settings()
         return f"{name}({', '.join(changed)})" if changed else name
+
+    def changed_settings(self) -> list[str]:
+        """``name=value`` for every setting that differs from its default."""
+        return [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Architecture changes the defense makes (used again to reload a checkpoint)."""

@@ -47,8 +47,7 @@ class EigenGuardDefense(Defense):
     def label(self) -> str:
         """k always (the setting the tables compare most), then the settings that differ from
         the defaults: ``eigenguard(k=16)``, ``eigenguard(k=16, scale=zero)``."""
-        changed = super().label().partition("(")[2].rstrip(")")
-        rest = [part for part in changed.split(", ") if part and not part.startswith("k=")]
+        rest = [part for part in self.changed_settings() if not part.startswith("k=")]
         return f"eigenguard({', '.join([f'k={self.k}', *rest])})"
 
     def prepare_model(self, model):
