@@ -48,6 +48,16 @@ def test_a_grid_is_the_product_of_its_axes_plus_extra_rows():
     assert dict(extra.defense_settings) == {"k": 2, "after": "block1"}
 
 
+def test_a_planned_run_names_the_attack_settings_the_grid_sets():
+    from eigenguard.sweep import PlannedRun
+    grid = grid_from_dict({
+        "setup": {"model": "small_cnn", "width": 8},
+        "attacks": ["wanet", {"name": "wanet", "settings": {"s": 1.0}}],
+        "defenses": ["none"], "poison_ratios": [0.1], "seeds": [0]})
+    names = [PlannedRun(c, "k", "s", "pending").describe().split()[7] for c in grid.configs]
+    assert names == ["wanet", "wanet(s=1.0)"]
+
+
 def test_blocks_add_products_that_inherit_the_axes_they_do_not_name():
     grid = grid_from_dict({
         "setup": {"model": "small_cnn", "width": 8},

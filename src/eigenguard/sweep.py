@@ -46,7 +46,10 @@ class PlannedRun:
     def describe(self) -> str:
         c = self.config
         budget = f"{c.train_size or 'all'} images x {c.train.epochs} epochs"
-        return (f"{c.dataset} {c.model}/{c.width} {budget} {c.attack} {c.poison_ratio:g} "
+        attack = c.attack
+        if c.attack_settings:  # the settings the grid names, so variants of one attack differ
+            attack += f"({', '.join(f'{k}={v}' for k, v in c.attack_settings)})"
+        return (f"{c.dataset} {c.model}/{c.width} {budget} {attack} {c.poison_ratio:g} "
                 f"{c.build_defense().label()} seed {c.seed}")
 
 
