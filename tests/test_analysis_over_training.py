@@ -152,6 +152,14 @@ def test_over_training_analysis_rows_figures_and_table(stored, synthetic_root, t
             for kind in ("clean", "triggered", "mix"):
                 value = rows[f"epoch{epoch}.{point}.effective_rank.{kind}"]
                 assert 1.0 <= value <= 40  # at most the 40 images' rank
+            for name in ("poison_label_ratio", "max_other_ratio", "separation"):
+                value = rows[f"epoch{epoch}.{point}.label_signature.{name}"]
+                assert value == pytest.approx(over.signatures[epoch][point][name])
+            assert rows[f"epoch{epoch}.{point}.label_signature.poison_label_ratio"] >= 1.0
+            assert rows[f"epoch{epoch}.{point}.label_signature.separation"] >= 0.0
+    # measured 0.25 sd at block1 and 18.3 at block3 once learnt: the poison separates in depth
+    last = over.signatures[3]
+    assert last["block3"]["separation"] > 5 and last["block1"]["separation"] < 2
     assert store.get_run(kept.key).status == "finished"  # nothing retrained for the analysis
     folder = tmp_path / kept.key[:8]
     for kind in ("clean", "triggered", "mix"):
@@ -160,6 +168,8 @@ def test_over_training_analysis_rows_figures_and_table(stored, synthetic_root, t
     assert numbers["over_training"]["epochs"] == [1, 2, 3]
     table = (folder / "analysis.md").read_text()
     assert "| epoch | protocol | ASR % |" in table and "| 3 | triggered | " in table
+    assert "Label-conditional signatures of the mixed images over training" in table
+    assert "| epoch | ASR % | block1 | block2 | block3 |" in table
 
 
 def test_cli_analyze_save_every_trains_a_run_without_them(synthetic_root, tmp_path, capsys):

@@ -8,6 +8,11 @@ layers included, as :func:`eigenguard.experiment.load_run_model` does) and measu
   for the clean, the triggered and the mixed images of :mod:`.samples` (the same images at every
   epoch). A layer's output is left out: in its running mode it is what the stage it follows hands
   on, so the stage's point already shows it;
+- the label-conditional spectral signatures of the mixed images (:mod:`.signatures`) at each of
+  those points: the poison label's top-to-second energy ratio against the other labels' largest,
+  and its poisoned rows' separation along its top direction. Whether the poison label stands out
+  before the backdoor is learned says whether a defense acting during training could find it in
+  time;
 - ASR and ACC on a fixed seeded draw of :data:`ASR_IMAGES` test images (the same at every epoch;
   a subset keeps E evaluations cheap), under the batch-independent protocol of a model with
   EigenGuard layers that keep running statistics (``running``) and the standard ``triggered``
@@ -38,12 +43,15 @@ from ..train import KeepStates
 from . import figures
 from .capture import GUARD_OUTPUT, capture_features, capture_points
 from .samples import AnalysisSamples, draw_samples
+from .signatures import label_signatures
 from .spectrum import effective_rank
 
 #: test images drawn (with the analysis seed) for the ASR and ACC of each epoch
 ASR_IMAGES = 1000
 #: the kinds of images and the store protocol of analysis rows, as in :mod:`.analyze`
 KINDS = ("clean", "triggered", "mix")
+#: the label-signature numbers followed over training (:func:`.signatures.label_signatures`)
+SIGNATURE_NUMBERS = ("poison_label_ratio", "max_other_ratio", "separation")
 PROTOCOL = "analysis"
 
 
@@ -58,6 +66,8 @@ class OverTraining:
     points: list[str] = field(default_factory=list)
     #: epoch -> point -> kind -> effective rank
     effective_rank: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: epoch -> point -> SIGNATURE_NUMBERS name -> value, on the mixed images
+    signatures: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     asr: dict[int, float] = field(default_factory=dict)
     acc: dict[int, float] = field(default_factory=dict)
     protocol: dict[int, str] = field(default_factory=dict)  # the ASR's protocol per epoch
@@ -79,6 +89,10 @@ class OverTraining:
                 rows += [dict(split="train", protocol=PROTOCOL,
                               metric=f"epoch{epoch}.{point}.effective_rank.{kind}", value=value)
                          for kind, value in ranks.items() if math.isfinite(value)]
+            for point, found in self.signatures.get(epoch, {}).items():
+                rows += [dict(split="train", protocol=PROTOCOL,
+                              metric=f"epoch{epoch}.{point}.label_signature.{name}", value=value)
+                         for name, value in found.items() if math.isfinite(value)]
             rows += [dict(split="train", protocol=PROTOCOL, metric=f"epoch{epoch}.{name}",
                           value=float(values[epoch]))
                      for name, values in (("asr", self.asr), ("acc", self.acc))]
@@ -91,6 +105,7 @@ class OverTraining:
                 "asr": {str(e): v for e, v in self.asr.items()},
                 "acc": {str(e): v for e, v in self.acc.items()},
                 "effective_rank": {str(e): v for e, v in self.effective_rank.items()},
+                "label_signatures": {str(e): v for e, v in self.signatures.items()},
                 "figures": [path.name for path in self.figures],
                 "seconds": round(self.seconds, 1)}
 
@@ -107,6 +122,18 @@ class OverTraining:
                                 for kind in KINDS) for point in self.points]
             lines.append(f"| {epoch} | {self.protocol[epoch]} | {100 * self.asr[epoch]:.1f} | "
                          f"{100 * self.acc[epoch]:.1f} | " + " | ".join(cells) + " |")
+        if any(self.signatures.values()):
+            lines += ["", "Label-conditional signatures of the mixed images over training: the "
+                      "poison label's σ₁²/σ₂² / the other labels' largest / the poisoned rows' "
+                      "separation along its top direction (sd)", "",
+                      "| epoch | ASR % | " + " | ".join(self.points) + " |",
+                      "|---|---|" + "---|" * len(self.points)]
+            for epoch in self.epochs:
+                found = self.signatures.get(epoch, {})
+                cells = [" / ".join(f"{found[point][name]:.2f}" for name in SIGNATURE_NUMBERS)
+                         if point in found else "-" for point in self.points]
+                lines.append(f"| {epoch} | {100 * self.asr[epoch]:.1f} | "
+                             + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
@@ -201,6 +228,12 @@ def analyze_over_training(store: ResultStore, stored: StoredRun, *, folder, coun
                                         points=points, device=device)
             for point, feats in features.items():
                 ranks[point][kind] = effective_rank(feats)
+            if kind == "mix" and samples.mix_poisoned.any():
+                result.signatures[int(epoch)] = {
+                    point: {name: float(found[name]) for name in SIGNATURE_NUMBERS}
+                    for point, feats in features.items()
+                    for found in [label_signatures(feats, samples.mix_labels,
+                                                   samples.mix_poisoned)]}
         protocol = "running" if "running" in defense.protocols_for(model) else "triggered"
         evaluation = evaluate(model, test, attack, config.target, protocol, device=device,
                               progress=False, defense=defense, label_mode=config.label_mode)
