@@ -152,11 +152,12 @@ def test_over_training_analysis_rows_figures_and_table(stored, synthetic_root, t
             for kind in ("clean", "triggered", "mix"):
                 value = rows[f"epoch{epoch}.{point}.effective_rank.{kind}"]
                 assert 1.0 <= value <= 40  # at most the 40 images' rank
-            for name in ("poison_label_ratio", "max_other_ratio", "separation"):
+            for name in ("poison_label_ratio", "max_other_ratio", "separation", "split_accuracy"):
                 value = rows[f"epoch{epoch}.{point}.label_signature.{name}"]
                 assert value == pytest.approx(over.signatures[epoch][point][name])
             assert rows[f"epoch{epoch}.{point}.label_signature.poison_label_ratio"] >= 1.0
             assert rows[f"epoch{epoch}.{point}.label_signature.separation"] >= 0.0
+            assert 0.5 <= rows[f"epoch{epoch}.{point}.label_signature.split_accuracy"] <= 1.0
     # measured 0.25 sd at block1 and 18.3 at block3 once learnt: the poison separates in depth
     last = over.signatures[3]
     assert last["block3"]["separation"] > 5 and last["block1"]["separation"] < 2

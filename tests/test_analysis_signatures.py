@@ -32,6 +32,8 @@ def test_the_poisoned_label_stands_out_and_the_separation_is_the_planted_shift()
     assert found["max_other_ratio"] < 1.8
     # the poisoned rows sit the planted 6 standard deviations from the clean ones (± noise)
     assert found["separation"] == pytest.approx(6.0, abs=0.6)
+    # 6 sd apart: the two-means cut halfway misassigns a row with probability Φ(-3) = 0.13%
+    assert found["split_accuracy"] > 0.99
 
 
 def test_without_a_shift_nothing_stands_out():
@@ -39,6 +41,17 @@ def test_without_a_shift_nothing_stands_out():
     found = label_signatures(features, labels, poisoned)
     assert max(found["ratios"].values()) < 1.8
     assert found["separation"] < 0.6
+    # no shift: the cut splits the label at random with respect to the poisoned half
+    assert found["split_accuracy"] < 0.6
+
+
+def test_two_means_cuts_between_two_planted_groups_of_unequal_size():
+    from eigenguard.analysis.signatures import two_means_split
+    g = torch.Generator().manual_seed(0)
+    coordinates = torch.cat([torch.randn(300, generator=g), 8 + torch.randn(100, generator=g)])
+    upper = two_means_split(coordinates)
+    assert int(upper[:300].sum()) == 0 and int(upper[300:].sum()) == 100
+    assert not two_means_split(torch.zeros(5)).any()  # no spread: nothing above the cut
 
 
 def test_the_top_direction_is_the_shift_and_the_ratio_is_exact_for_two_directions():

@@ -119,7 +119,7 @@ def point_numbers(feats: dict[str, torch.Tensor], poisoned: torch.Tensor, k: int
             found = label_signatures(feats["mix"], labels, poisoned)
             numbers.update({f"label_signature.{name}": float(found[name]) for name in (
                 "poison_label_ratio", "max_other_ratio", "poison_label_has_max_ratio",
-                "separation")})
+                "separation", "split_accuracy")})
     if len(clean.right) >= k:
         alignment = shift_alignment(feats["clean"], feats["triggered"], clean.right)
         numbers.update({"shift_in_top_k": float(alignment["cumulative"][k]),
@@ -249,7 +249,8 @@ TABLE_COLUMNS = (("effective_rank.clean", "eff. rank clean"),
                  ("shift_in_running_top_k", "shift in running top k %"),
                  ("label_signature.poison_label_ratio", "poison label σ₁²/σ₂²"),
                  ("label_signature.max_other_ratio", "other labels' max σ₁²/σ₂²"),
-                 ("label_signature.separation", "poison separation (sd)"))
+                 ("label_signature.separation", "poison separation (sd)"),
+                 ("label_signature.split_accuracy", "two-means split accuracy"))
 
 
 def markdown_table(analyses: list[RunAnalysis]) -> str:

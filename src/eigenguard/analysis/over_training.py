@@ -51,7 +51,7 @@ ASR_IMAGES = 1000
 #: the kinds of images and the store protocol of analysis rows, as in :mod:`.analyze`
 KINDS = ("clean", "triggered", "mix")
 #: the label-signature numbers followed over training (:func:`.signatures.label_signatures`)
-SIGNATURE_NUMBERS = ("poison_label_ratio", "max_other_ratio", "separation")
+SIGNATURE_NUMBERS = ("poison_label_ratio", "max_other_ratio", "separation", "split_accuracy")
 PROTOCOL = "analysis"
 
 
@@ -125,7 +125,8 @@ class OverTraining:
         if any(self.signatures.values()):
             lines += ["", "Label-conditional signatures of the mixed images over training: the "
                       "poison label's σ₁²/σ₂² / the other labels' largest / the poisoned rows' "
-                      "separation along its top direction (sd)", "",
+                      "separation along its top direction (sd) / the accuracy of the two-means "
+                      "split along it", "",
                       "| epoch | ASR % | " + " | ".join(self.points) + " |",
                       "|---|---|" + "---|" * len(self.points)]
             for epoch in self.epochs:

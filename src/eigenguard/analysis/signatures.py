@@ -12,7 +12,10 @@ module measures, at any capture point, whether looking label by label would see 
 - the label holding most poisoned rows (the harness knows them; measurement only) and whether it
   has the largest ratio of all labels, that is whether the ratio alone would point at it;
 - along that label's top direction, the separation of its poisoned rows from its clean rows in
-  standard deviations of the clean rows.
+  standard deviations of the clean rows;
+- the accuracy of the two-means split of that label's rows along its top direction, read as
+  poisoned against clean (the better of the two ways round, so 0.5 to 1): a defense that knew the
+  label could cut there without knowing which rows are poisoned; 1 means the cut is the poison.
 
 A label with fewer than :data:`MIN_ROWS` rows gets no ratio.
 """
@@ -39,6 +42,21 @@ def top_direction(rows: torch.Tensor) -> tuple[torch.Tensor, float]:
     return left[:, 0] * values[0], ratio
 
 
+def two_means_split(coordinates: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """One-dimensional two-means (Lloyd's iterations from the median): True for the rows above
+    the cut."""
+    cut = coordinates.median()
+    for _ in range(iterations):
+        upper = coordinates > cut
+        if upper.all() or not upper.any():
+            break
+        moved = (coordinates[upper].mean() + coordinates[~upper].mean()) / 2
+        if moved == cut:
+            break
+        cut = moved
+    return coordinates > cut
+
+
 def label_signatures(features: torch.Tensor, labels: torch.Tensor,
                      poisoned: torch.Tensor | None = None) -> dict:
     """The numbers of the module docstring for features (N, ...) with their labels (N,) and, when
@@ -46,8 +64,9 @@ def label_signatures(features: torch.Tensor, labels: torch.Tensor,
 
     Returns ``ratios`` (label -> σ₁²/σ₂²), and with ``poisoned`` holding any row:
     ``poison_label``, ``poison_label_ratio``, ``max_other_ratio`` (largest ratio of the other
-    labels), ``poison_label_has_max_ratio`` and ``separation`` (|mean poisoned − mean clean| / std
-    clean along the poison label's top direction; NaN with fewer than two clean rows there).
+    labels), ``poison_label_has_max_ratio``, ``separation`` (|mean poisoned − mean clean| / std
+    clean along the poison label's top direction; NaN with fewer than two clean rows there) and
+    ``split_accuracy`` (of :func:`two_means_split` along that direction; NaN without clean rows).
     """
     rows = _as_rows(features)
     labels = torch.as_tensor(labels).flatten()
@@ -73,7 +92,7 @@ def label_signatures(features: torch.Tensor, labels: torch.Tensor,
                   max_other_ratio=max(others) if others else math.nan,
                   poison_label_has_max_ratio=bool(others) and own > max(others))
     if poison_label not in coordinates:
-        result["separation"] = math.nan
+        result["separation"] = result["split_accuracy"] = math.nan
         return result
     along = coordinates[poison_label]
     inside = mask[members]
@@ -82,4 +101,9 @@ def label_signatures(features: torch.Tensor, labels: torch.Tensor,
         result["separation"] = math.nan
     else:
         result["separation"] = float((along[inside].mean() - clean.mean()).abs() / clean.std())
+    if inside.all():
+        result["split_accuracy"] = math.nan
+    else:
+        agree = float((two_means_split(along) == inside).double().mean())
+        result["split_accuracy"] = max(agree, 1 - agree)
     return result
