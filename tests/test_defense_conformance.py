@@ -31,6 +31,7 @@ FAST = {
     "spectre": {"max_dims": 4},
     "abl": {"isolation_epochs": 1, "finetune_epochs": 1, "unlearning_epochs": 1},
     "dbd": {"ssl_epochs": 1, "head_epochs": 1, "semi_epochs": 1},
+    "sieve": {"after": "block1", "warmup": 2},
 }
 
 #: per defense: one invalid setting and a word its error must contain
@@ -47,6 +48,7 @@ BAD = {
     "spectre": ({"alpha": -1}, "alpha"),
     "abl": ({"isolation_ratio": 0}, "isolation_ratio"),
     "dbd": ({"temperature": 0}, "temperature"),
+    "sieve": ({"threshold": 0}, "threshold"),
 }
 
 DEFENSES = sorted(set(list_defenses()) - {n for n in list_defenses() if n.startswith("example")})

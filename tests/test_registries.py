@@ -10,18 +10,22 @@ from eigenguard.evaluate import PROTOCOLS
 from eigenguard.errors import UnknownNameError
 from eigenguard.layer import find_guards
 from eigenguard.models import create_model
+from eigenguard.sieve import find_sieves
 
 
 @pytest.mark.parametrize("name", list_defenses())
 def test_defense_declarations(name):
-    """Every registered defense declares what the harness needs; only EigenGuard adds a layer.
+    """Every registered defense declares what the harness needs; only EigenGuard and the sieve
+    add a layer.
 
     Running each defense through the harness is tests/test_defense_conformance.py's job.
     """
-    defense = create_defense(name, **({"after": "block2", "k": 4} if name == "eigenguard" else {}))
+    settings = {"eigenguard": {"after": "block2", "k": 4}, "sieve": {"after": "block2"}}
+    defense = create_defense(name, **settings.get(name, {}))
     model = defense.prepare_model(create_model("small_cnn", in_channels=1, num_classes=10,
                                                width=4))
     assert bool(find_guards(model)) == (name == "eigenguard")
+    assert bool(find_sieves(model)) == (name == "sieve")
     assert isinstance(defense.settings(), dict) and isinstance(defense.label(), str)
     assert defense.starts_from in STARTS_FROM and "triggered" in defense.protocols
     assert set(defense.protocols) <= set(PROTOCOLS)

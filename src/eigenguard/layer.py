@@ -585,15 +585,17 @@ def _insert_after(sequence: nn.Sequential, leaf: str, name: str, layer: nn.Modul
             sequence._modules[name] = layer
 
 
-def guard(model: nn.Module, after: str, **settings) -> EigenGuard:
-    """Insert an EigenGuard layer after the submodule named ``after`` (dotted path) of any model.
+def insert_after(model: nn.Module, after: str, layer: nn.Module, suffix: str) -> nn.Module:
+    """Insert ``layer`` after the submodule named ``after`` (dotted path) of any model.
 
-    Inside an ``nn.Sequential`` the layer becomes the next element, named ``<name>_eigenguard``
+    Inside an ``nn.Sequential`` the layer becomes the next element, named ``<name>_<suffix>``
     (the other elements keep their names). Elsewhere it is registered on the nearest enclosing
-    module that is not a container, named ``<path>_eigenguard``, and runs as a forward hook on the
-    target. Either way ``.to()``, ``repr`` and ``state_dict`` see it, the model's own parameter
-    names do not change, and checkpoints of the unguarded model still load.
+    module that is not a container, named ``<path>_<suffix>``, and runs as a forward hook on the
+    target (its ``_filter_output`` method). Either way ``.to()``, ``repr`` and ``state_dict`` see
+    it, the model's own parameter names do not change, and checkpoints of the model without it
+    still load.
     """
+    kind = type(layer).__name__
     try:
         if not after:
             raise AttributeError(after)
@@ -602,30 +604,35 @@ def guard(model: nn.Module, after: str, **settings) -> EigenGuard:
         names = [name for name, _ in model.named_modules() if name]
         stages = getattr(model, "stage_names", None)
         hint = f"its stages are {list(stages)}" if stages else f"modules include {names[:12]}"
-        raise ValueError(f"cannot insert EigenGuard after {after!r}: the model has no such "
+        raise ValueError(f"cannot insert {kind} after {after!r}: the model has no such "
                          f"module; {hint}") from None
     parts = after.split(".")
     parent = model.get_submodule(".".join(parts[:-1]))
     if isinstance(parent, nn.Sequential):
-        owner, layer_name = parent, f"{parts[-1]}_eigenguard"
+        owner, layer_name = parent, f"{parts[-1]}_{suffix}"
     else:  # the closest ancestor whose forward does not iterate over its children
         depth = len(parts) - 1
         while depth > 0 and isinstance(model.get_submodule(".".join(parts[:depth])), _CONTAINERS):
             depth -= 1
         owner = model.get_submodule(".".join(parts[:depth]))
         if isinstance(owner, _CONTAINERS):
-            raise ValueError(f"cannot insert EigenGuard after {after!r}: every module around it "
+            raise ValueError(f"cannot insert {kind} after {after!r}: every module around it "
                              "is a container; wrap the model in a module with its own forward")
-        layer_name = "_".join(parts[depth:]) + "_eigenguard"
+        layer_name = "_".join(parts[depth:]) + f"_{suffix}"
     if hasattr(owner, layer_name):
-        raise ValueError(f"an EigenGuard layer already follows {after!r}")
-    layer = EigenGuard(**settings)
+        raise ValueError(f"an {kind} layer already follows {after!r}")
     if isinstance(parent, nn.Sequential):
         _insert_after(parent, parts[-1], layer_name, layer)
     else:
         owner.add_module(layer_name, layer)
         target.register_forward_hook(layer._filter_output)
     return layer
+
+
+def guard(model: nn.Module, after: str, **settings) -> EigenGuard:
+    """Insert an EigenGuard layer after the submodule named ``after`` (dotted path) of any model
+    (:func:`insert_after`; the layer is named ``<name>_eigenguard``)."""
+    return insert_after(model, after, EigenGuard(**settings), "eigenguard")
 
 
 def find_guards(model: nn.Module) -> list[tuple[str, EigenGuard]]:

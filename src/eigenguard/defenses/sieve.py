@@ -1,0 +1,61 @@
+"""LabelSieve as a defense (:mod:`eigenguard.sieve`): insert the layer, train end to end on the
+poisoned set as usual, with one training hook that hands the layer each batch's labels.
+
+Threat model: EigenGuard's. No clean data, no extra training stage; the trainer is unchanged but
+for the hook (:class:`eigenguard.sieve.HandLabels`), which reads the labels the batch is trained
+on and changes nothing. The layer is the identity at evaluation, so the model is batch-independent
+and the standard ``triggered`` protocol applies. The training samples the layer flagged in the
+last epoch are the defense's detection (the harness scores them against the poison it knows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..sieve import HandLabels, LabelSieve, find_sieves, sieve
+from .base import Defense, DefenseContext, DefenseResult
+from .registry import register_defense
+
+
+def class_count(model: nn.Module) -> int:
+    """The number of classes a model predicts: its ``classifier``'s outputs (the models' own
+    convention), else those of its last linear layer."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+        if not linears:
+            raise ValueError("cannot tell how many classes the model predicts: it has no "
+                             "`classifier` and no linear layer")
+        head = linears[-1]
+    return int(head.out_features)
+
+
+@register_defense("sieve")
+@dataclass
+class SieveDefense(Defense):
+    """Layer settings (see :class:`eigenguard.sieve.LabelSieve`) plus where the layer goes."""
+
+    after: str = "layer1"
+    pool: int = 4
+    momentum: float = 0.05
+    threshold: float = 0.8
+    warmup: int = 20
+
+    def __post_init__(self):
+        LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
+
+    def layer_settings(self) -> dict:
+        return dict(pool=self.pool, momentum=self.momentum, threshold=self.threshold,
+                    warmup=self.warmup)
+
+    def prepare_model(self, model):
+        sieve(model, self.after, class_count(model), **self.layer_settings())
+        return model
+
+    def defend(self, context: DefenseContext) -> DefenseResult:
+        model = self.prepare_model(context.build_model())
+        hand = HandLabels(find_sieves(model))
+        context.train_model(model, context.train_set, hooks=[hand])
+        return DefenseResult(model, flagged=hand.flagged_indices(),
+                             extra={"sieve_flagged_rows": hand.flagged_total})

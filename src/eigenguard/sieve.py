@@ -1,0 +1,314 @@
+"""LabelSieve: a layer that finds dirty-label poison by how its features spread over classes, and
+keeps it from teaching the network while it trains.
+
+Why (docs/ANALYSIS.md, "Label-conditional signatures over training"). All-to-one dirty-label
+poison puts images of every other class under one label. At an early stage (``layer1`` of the
+PreAct-ResNet), from the first epoch, the label's rows split along their top direction into two
+groups, and the group holding the poison spreads over the *between-class* subspace (the span of
+the other labels' mean features) about as much as the whole data set does, because it is made of
+every other class; the clean group, one class, spreads over it far less, and so do both halves of
+any clean label. So the statistic names the label, the side of the cut, and the rows, before the
+backdoor is learned, without knowing the trigger. It needs the batch's labels: a training hook
+hands them over (:class:`HandLabels`); that is the layer's one addition to the training loop.
+
+Per training batch, on the features pooled to ``pool`` × ``pool`` per channel (d = C·pool²):
+
+1. running per-label means and second moments (exponential, ``momentum``), and each label's top
+   direction of its centred covariance (power iteration, warm-started);
+2. per label, the two-means cut along that direction (running means of the coordinates on each
+   side, the cut halfway between them), and per side a running mean and the running energies of
+   its centred rows: in all, and inside the between-class subspace of the *other* labels' means;
+3. a side's between-class fraction divided by the same fraction of the rows of the other labels:
+   its *mixing score* (about 1: spread like the whole data set; a clean class: well below);
+4. after ``warmup`` batches, a label's side whose mixing score is at least ``threshold`` and
+   higher than its other side's is flagged: the output rows of its samples are replaced by the
+   running mean feature of the label's other side, a constant, so the flagged samples pass no
+   gradient to the layers before and look like an ordinary sample of their label to the layers
+   after (their loss is small). Every other row passes unchanged.
+
+In evaluation mode the layer is the identity: it acts on training only, so it adds no cost at
+test time and its output never depends on the batch. Its running state is not part of the
+model's state dict (non-persistent), so checkpoints load into a model without it.
+
+Clean-label attacks (SIG, LC, Refool) put true images of the target class under their own label:
+no group of any label is made of other classes, so this statistic cannot see them by design.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import insert_after
+from .train import Batch, TrainHook, TrainState
+
+#: power-iteration steps per batch for each label's top direction (warm-started)
+POWER_STEPS = 3
+
+
+class LabelSieve(nn.Module):
+    """See the module docstring. ``classes``: the number of labels."""
+
+    def __init__(self, classes: int, *, pool: int = 4, momentum: float = 0.05,
+                 threshold: float = 0.8, warmup: int = 20):
+        super().__init__()
+        if not (isinstance(classes, int) and classes >= 3):
+            raise ValueError(f"classes must be an integer >= 3 (a between-class subspace needs "
+                             f"two other labels), got {classes!r}")
+        if not (isinstance(pool, int) and pool >= 1):
+            raise ValueError(f"pool must be an integer >= 1 (the pooled grid's side), got "
+                             f"{pool!r}")
+        if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+                and threshold > 0):
+            raise ValueError(f"threshold must be a positive number (the mixing score that "
+                             f"flags a side; 1 = spread like the whole data set), got "
+                             f"{threshold!r}")
+        if not (isinstance(warmup, int) and warmup >= 0):
+            raise ValueError(f"warmup must be an integer >= 0 (batches before acting), got "
+                             f"{warmup!r}")
+        self.classes, self.pool, self.momentum = classes, pool, float(momentum)
+        self.threshold, self.warmup = float(threshold), warmup
+        self.labels: torch.Tensor | None = None
+        self.steps = 0
+        self.flagged_last: torch.Tensor | None = None  # bool mask of the last batch's rows
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def settings(self) -> dict:
+        return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
+                    threshold=self.threshold, warmup=self.warmup)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
+
+    def set_labels(self, labels: torch.Tensor) -> None:
+        """The next training forward's labels (one per row); :class:`HandLabels` calls it."""
+        self.labels = labels
+
+    def reset(self) -> None:
+        """Forget every running statistic (a new training run)."""
+        self.steps, self._state, self.flagged_last = 0, None, None
+
+    # -- the statistics ------------------------------------------------------------------------
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, d) float64 rows: spatial maps averaged to ``pool`` × ``pool`` per channel."""
+        if features.dim() == 4:
+            size = (min(self.pool, features.shape[2]), min(self.pool, features.shape[3]))
+            features = F.adaptive_avg_pool2d(features, size)
+        return features.detach().flatten(1).to(torch.float64)
+
+    def _new_state(self, d: int, shape: torch.Size, device) -> dict[str, torch.Tensor]:
+        c = self.classes
+        start = torch.arange(1, d + 1, dtype=torch.float64, device=device)
+        return dict(
+            seen=torch.zeros(c, dtype=torch.bool, device=device),
+            mean=torch.zeros(c, d, dtype=torch.float64, device=device),
+            second=torch.zeros(c, d, d, dtype=torch.float64, device=device),
+            direction=(start / start.norm()).repeat(c, 1),
+            side_coordinate=torch.zeros(c, 2, dtype=torch.float64, device=device),
+            side_mean=torch.zeros(c, 2, d, dtype=torch.float64, device=device),
+            side_total=torch.zeros(c, 2, dtype=torch.float64, device=device),
+            side_between=torch.zeros(c, 2, dtype=torch.float64, device=device),
+            side_seen=torch.zeros(c, 2, dtype=torch.bool, device=device),
+            pool_total=torch.zeros(c, dtype=torch.float64, device=device),
+            pool_between=torch.zeros(c, dtype=torch.float64, device=device),
+            side_output=torch.zeros(c, 2, *shape, device=device),
+        )
+
+    def _blend(self, name: str, index, value: torch.Tensor, seen: torch.Tensor) -> None:
+        """Exponential update of ``state[name][index]``; its first value is taken as it is."""
+        old = self._state[name][index]
+        weight = torch.where(seen, torch.as_tensor(self.momentum, dtype=old.dtype,
+                                                   device=old.device),
+                             torch.ones((), dtype=old.dtype, device=old.device))
+        while weight.dim() < old.dim():
+            weight = weight.unsqueeze(-1)
+        self._state[name][index] = old + weight * (value.to(old.dtype) - old)
+
+    def between_bases(self) -> torch.Tensor:
+        """(C, C-2, d): per label, an orthonormal basis of the span of the other labels' centred
+        running means (zero rows where fewer labels have been seen)."""
+        mean, seen = self._state["mean"], self._state["seen"]
+        c, d = mean.shape
+        rank = c - 2
+        bases = torch.zeros(c, rank, d, dtype=mean.dtype, device=mean.device)
+        for label in range(c):
+            others = [o for o in range(c) if o != label and bool(seen[o])]
+            if len(others) < 2:
+                continue
+            rows = mean[others] - mean[others].mean(0)
+            _, values, right = torch.linalg.svd(rows, full_matrices=False)
+            keep = values > values[0] * 1e-9
+            basis = right[keep][:rank]
+            bases[label, :len(basis)] = basis
+        return bases
+
+    def update(self, rows: torch.Tensor, labels: torch.Tensor,
+               features: torch.Tensor) -> torch.Tensor:
+        """Fold one batch into the running statistics; the side (0 / 1) of each row's cut."""
+        state = self._state
+        present = labels.unique()
+        onehot = F.one_hot(labels, self.classes).to(rows.dtype)  # (B, C)
+        counts = onehot.sum(0)
+        batch_mean = (onehot.T @ rows) / counts.clamp(min=1).unsqueeze(1)
+        batch_second = torch.einsum("bc,bi,bj->cij", onehot, rows, rows) / \
+            counts.clamp(min=1).view(-1, 1, 1)
+        self._blend("mean", present, batch_mean[present], state["seen"][present])
+        self._blend("second", present, batch_second[present], state["seen"][present])
+        state["seen"][present] = True
+        # each label's top direction of its centred covariance, by warm-started power iteration
+        covariance = state["second"] - state["mean"].unsqueeze(2) * state["mean"].unsqueeze(1)
+        direction = state["direction"]
+        for _ in range(POWER_STEPS):
+            moved = torch.einsum("cij,cj->ci", covariance, direction)
+            norm = moved.norm(dim=1, keepdim=True)
+            direction = torch.where(norm > 0, moved / norm.clamp(min=1e-300), direction)
+        state["direction"] = direction
+        # the two-means cut along it, from the running coordinate of each side
+        coordinate = ((rows - state["mean"][labels]) * direction[labels]).sum(1)
+        cut = state["side_coordinate"].mean(1)
+        cut = torch.where(state["side_seen"].all(1), cut, torch.zeros_like(cut))
+        side = (coordinate > cut[labels]).long()
+        bases = self.between_bases()
+        for label in present.tolist():
+            mine = labels == label
+            basis = bases[label]
+            others = rows[~mine]
+            if len(others) > 1:
+                centred = others - others.mean(0)
+                total = (centred ** 2).sum(1).mean()
+                between = ((centred @ basis.T) ** 2).sum(1).mean()
+                seen = state["pool_total"][label] > 0
+                self._blend("pool_total", label, total, seen)
+                self._blend("pool_between", label, between, seen)
+            for which in (0, 1):
+                members = mine & (side == which)
+                if not members.any():
+                    continue
+                seen = state["side_seen"][label, which]
+                self._blend("side_coordinate", (label, which), coordinate[members].mean(), seen)
+                self._blend("side_mean", (label, which), rows[members].mean(0), seen)
+                self._blend("side_output", (label, which), features[members].detach().mean(0),
+                            seen)
+                centred = rows[members] - state["side_mean"][label, which]
+                self._blend("side_total", (label, which), (centred ** 2).sum(1).mean(), seen)
+                self._blend("side_between", (label, which),
+                            ((centred @ basis.T) ** 2).sum(1).mean(), seen)
+                state["side_seen"][label, which] = True
+        return side
+
+    def mixing_scores(self) -> torch.Tensor:
+        """(C, 2): each side's between-class fraction over the other labels' fraction (NaN until
+        both are known)."""
+        state = self._state
+        side_fraction = state["side_between"] / state["side_total"]
+        pool_fraction = state["pool_between"] / state["pool_total"]
+        scores = side_fraction / pool_fraction.unsqueeze(1)
+        known = state["side_seen"] & (state["pool_total"] > 0).unsqueeze(1)
+        return torch.where(known, scores, torch.full_like(scores, math.nan))
+
+    def flagged_sides(self) -> torch.Tensor:
+        """(C,) the flagged side of each label, −1 for none."""
+        scores = self.mixing_scores()
+        higher = (scores[:, 1] > scores[:, 0]).long()
+        best = scores.gather(1, higher.unsqueeze(1)).squeeze(1)
+        flagged = torch.nan_to_num(best, nan=0.0) >= self.threshold
+        return torch.where(flagged, higher, torch.full_like(higher, -1))
+
+    # -- the layer ---------------------------------------------------------------------------
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return features
+        labels, self.labels = self.labels, None
+        if labels is None:
+            raise RuntimeError(
+                "LabelSieve trains on the batch's labels and none were handed over: train with "
+                "the HandLabels hook (eigenguard.sieve.HandLabels) or call "
+                "layer.set_labels(labels) before each training forward")
+        labels = torch.as_tensor(labels, device=features.device).long().flatten()
+        if len(labels) != len(features):
+            raise ValueError(f"LabelSieve got {len(labels)} labels for a batch of "
+                             f"{len(features)} rows")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.classes):
+            raise ValueError(f"LabelSieve labels must lie in [0, {self.classes}), got "
+                             f"{labels.min().item()}..{labels.max().item()}")
+        rows = self.pooled(features)
+        if not torch.isfinite(rows).all():
+            raise FloatingPointError("LabelSieve got non-finite features: the layers before it "
+                                     "diverged (lower the learning rate)")
+        if self._state is None:
+            self._state = self._new_state(rows.shape[1], features.shape[1:], features.device)
+        side = self.update(rows, labels, features)
+        self.steps += 1
+        flagged = torch.zeros(len(labels), dtype=torch.bool, device=features.device)
+        if self.steps > self.warmup:
+            sides = self.flagged_sides()
+            flagged = sides[labels] == side
+        self.flagged_last = flagged
+        if not flagged.any():
+            return features
+        keep = self._state["side_output"][labels, 1 - side].to(features.dtype)
+        mask = flagged.view(-1, *([1] * (features.dim() - 1)))
+        return torch.where(mask, keep, features)
+
+    def _filter_output(self, module, inputs, output):
+        """Forward hook installed by :func:`sieve` on the module it follows."""
+        return self(output)
+
+
+def sieve(model: nn.Module, after: str, classes: int, **settings) -> LabelSieve:
+    """Insert a :class:`LabelSieve` after the submodule named ``after`` (named
+    ``<name>_sieve``; see :func:`eigenguard.layer.insert_after`)."""
+    return insert_after(model, after, LabelSieve(classes, **settings), "sieve")
+
+
+def find_sieves(model: nn.Module) -> list[LabelSieve]:
+    return [module for module in model.modules() if isinstance(module, LabelSieve)]
+
+
+class HandLabels(TrainHook):
+    """Hands each training batch's labels (as trained on, after every other hook) to the model's
+    sieves before its forward pass, and keeps the training indices each one flagged in the last
+    epoch (what the harness scores as the defense's detection)."""
+
+    def __init__(self, layers: list[LabelSieve]):
+        if not layers:
+            raise ValueError("HandLabels needs at least one LabelSieve layer")
+        self.layers = layers
+        self.flagged_epoch: list[torch.Tensor] = []
+        self.flagged_total = 0
+
+    def on_train_start(self, state: TrainState) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        self.flagged_epoch = []
+
+    def on_batch(self, state: TrainState, batch: Batch) -> Batch:
+        for layer in self.layers:
+            layer.set_labels(batch.labels)
+        self._indices = batch.indices
+        return batch
+
+    def loss(self, state, batch, logits, losses, loss):
+        for layer in self.layers:
+            if layer.flagged_last is not None and layer.flagged_last.any():
+                rows = layer.flagged_last.cpu()
+                self.flagged_epoch.append(batch.indices[rows])
+                self.flagged_total += int(rows.sum())
+        return loss
+
+    def on_epoch_end(self, state: TrainState, record: dict) -> None:
+        record["sieve_flagged"] = int(sum(len(rows) for rows in self.flagged_epoch))
+
+    def flagged_indices(self) -> torch.Tensor:
+        """Training indices flagged in the last epoch (sorted, unique)."""
+        if not self.flagged_epoch:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(self.flagged_epoch).unique()

@@ -1,0 +1,153 @@
+"""LabelSieve on planted features: it flags the group of a label that is made of other classes
+(dirty-label poison), nothing in clean data, and not clean-label poison (its stated blind spot);
+it is the identity at evaluation and stops the flagged rows' gradient."""
+import math
+
+import pytest
+import torch
+
+from eigenguard.models import create_model
+from eigenguard.sieve import HandLabels, LabelSieve, find_sieves, sieve
+
+CLASSES, WIDTH, BATCH = 10, 32, 128
+
+
+def planted_batches(steps: int, *, poison: float = 0.1, shift: float = 1.0, clean_label=False,
+                    seed: int = 0):
+    """Batches of ``BATCH`` rows: class centres 3 apart in a ``WIDTH``-dim space plus unit noise.
+    A ``poison`` share of the rows gets ``shift`` added on every axis and label 0; dirty-label
+    rows keep their other class's content, clean-label rows are class-0 content."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(CLASSES, WIDTH, generator=g) * 3
+    for _ in range(steps):
+        y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+        poisoned = (torch.rand(BATCH, generator=g) < poison) & (y != 0)
+        if clean_label:
+            y = torch.where(poisoned, torch.zeros_like(y), y)
+        x = centres[y] + torch.randn(BATCH, WIDTH, generator=g)
+        x[poisoned] += shift
+        yield x.view(BATCH, WIDTH, 1, 1), torch.where(poisoned, torch.zeros_like(y), y), poisoned
+
+
+def run_layer(layer, batches, skip: int = 40):
+    """Feed the batches in training mode; (true positives, poisoned, false positives, clean)
+    counted after ``skip`` batches."""
+    layer.train()
+    counts = [0, 0, 0, 0]
+    for step, (x, y, poisoned) in enumerate(batches):
+        layer.set_labels(y)
+        layer(x)
+        if step >= skip:
+            flagged = layer.flagged_last
+            counts[0] += int((flagged & poisoned).sum())
+            counts[1] += int(poisoned.sum())
+            counts[2] += int((flagged & ~poisoned).sum())
+            counts[3] += int((~poisoned).sum())
+    return counts
+
+
+def test_dirty_label_poison_is_flagged_and_nothing_else():
+    layer = LabelSieve(CLASSES, pool=1, warmup=20)
+    tp, poisoned, fp, clean = run_layer(layer, planted_batches(200))
+    assert tp / poisoned > 0.98 and fp / clean < 0.005  # measured 1.0 and 0.0
+    scores = layer.mixing_scores()
+    # the poisoned side of label 0 spreads over the other classes like the whole set (about 1);
+    # every clean group, one class each, far less (measured 0.27-0.30)
+    poison_side = int(scores[0].argmax())
+    assert scores[0, poison_side] > 0.9
+    others = torch.cat([scores[0, 1 - poison_side].view(1), scores[1:].flatten()])
+    assert float(others.max()) < 0.5
+    assert layer.flagged_sides().tolist() == [poison_side] + [-1] * (CLASSES - 1)
+
+
+def test_clean_data_flags_nothing():
+    layer = LabelSieve(CLASSES, pool=1, warmup=20)
+    _, _, fp, clean = run_layer(layer, planted_batches(150, poison=0.0))
+    assert fp == 0 and clean > 0
+    assert (layer.flagged_sides() == -1).all()
+
+
+def test_clean_label_poison_is_not_seen():
+    """Target-class content with a trigger: no group of any label is made of other classes."""
+    layer = LabelSieve(CLASSES, pool=1, warmup=20)
+    tp, poisoned, fp, _ = run_layer(layer, planted_batches(150, clean_label=True))
+    assert poisoned > 0 and tp == 0 and fp == 0
+
+
+def test_nothing_is_flagged_during_warmup():
+    layer = LabelSieve(CLASSES, pool=1, warmup=30)
+    layer.train()
+    for step, (x, y, _) in enumerate(planted_batches(30)):
+        layer.set_labels(y)
+        layer(x)
+        assert not layer.flagged_last.any(), step
+
+
+def test_flagged_rows_are_one_constant_and_pass_no_gradient():
+    layer = LabelSieve(CLASSES, pool=1, warmup=5)
+    batches = list(planted_batches(60))
+    run_layer(layer, batches[:-1])
+    x, y, poisoned = batches[-1]
+    x = x.clone().requires_grad_(True)
+    layer.set_labels(y)
+    out = layer(x)
+    flagged = layer.flagged_last
+    assert flagged.any() and (flagged == poisoned).float().mean() > 0.95
+    assert torch.equal(out[~flagged], x[~flagged])  # every other row passes unchanged
+    assert (out[flagged] == out[flagged][0]).all()  # label 0's other side's running mean
+    out.sum().backward()
+    assert (x.grad[flagged] == 0).all() and (x.grad[~flagged] == 1).all()
+
+
+def test_evaluation_mode_is_the_identity_and_needs_no_labels():
+    layer = LabelSieve(CLASSES, pool=1, warmup=5)
+    run_layer(layer, planted_batches(30))
+    layer.eval()
+    x = torch.randn(7, WIDTH, 1, 1)
+    assert layer(x) is x
+
+
+def test_bad_settings_and_inputs_are_named():
+    for settings, word in [({"classes": 2}, "classes"), ({"pool": 0}, "pool"),
+                           ({"momentum": 0}, "momentum"), ({"threshold": math.nan}, "threshold"),
+                           ({"warmup": -1}, "warmup")]:
+        with pytest.raises(ValueError, match=word):
+            LabelSieve(**{"classes": CLASSES, **settings})
+    layer = LabelSieve(CLASSES).train()
+    with pytest.raises(RuntimeError, match="HandLabels"):
+        layer(torch.randn(4, 3, 8, 8))
+    layer.set_labels(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="2 labels for a batch of 4"):
+        layer(torch.randn(4, 3, 8, 8))
+    layer.set_labels(torch.tensor([0, 1, 2, 10]))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        layer(torch.randn(4, 3, 8, 8))
+    layer.set_labels(torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        layer(torch.full((4, 3, 8, 8), math.nan))
+
+
+def test_pooling_keeps_channels_and_a_coarse_grid():
+    layer = LabelSieve(CLASSES, pool=4)
+    rows = layer.pooled(torch.randn(5, 3, 28, 28))
+    assert rows.shape == (5, 3 * 16) and rows.dtype == torch.float64
+    assert layer.pooled(torch.randn(5, 3, 2, 2)).shape == (5, 3 * 4)  # smaller maps: as they are
+    assert layer.pooled(torch.randn(5, 12)).shape == (5, 12)  # flat features: as they are
+
+
+def test_a_sieved_model_trains_with_the_hook_and_saves_no_sieve_state():
+    model = create_model("small_cnn", in_channels=1, num_classes=CLASSES, width=4)
+    plain = model.state_dict()
+    layer = sieve(model, "block1", CLASSES, warmup=1)
+    assert find_sieves(model) == [layer]
+    assert set(model.state_dict()) == set(plain)  # checkpoints load with or without it
+    hand = HandLabels(find_sieves(model))
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, CLASSES, (32,))
+    model.train()
+    for layer_ in hand.layers:
+        layer_.set_labels(y)
+    assert model(x).shape == (32, CLASSES)
+    with pytest.raises(ValueError, match="already follows"):
+        sieve(model, "block1", CLASSES)
+    with pytest.raises(ValueError, match="at least one"):
+        HandLabels([])
