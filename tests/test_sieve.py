@@ -151,3 +151,16 @@ def test_a_sieved_model_trains_with_the_hook_and_saves_no_sieve_state():
         sieve(model, "block1", CLASSES)
     with pytest.raises(ValueError, match="at least one"):
         HandLabels([])
+
+
+def test_a_flagged_label_stays_suspect_and_its_clean_rows_pass():
+    """The poison's score falls as a network learns it, so a label once flagged stays suspect;
+    inside it only rows nearer another label's mean than the label's clean side are flagged."""
+    layer = LabelSieve(CLASSES, pool=1, warmup=20)
+    run_layer(layer, planted_batches(80))
+    assert layer.suspect.tolist() == [True] + [False] * (CLASSES - 1)
+    _, _, fp, clean = run_layer(layer, planted_batches(60, poison=0.0, seed=1), skip=0)
+    assert layer.suspect[0] and int(layer.suspect.sum()) == 1
+    assert fp / clean < 0.01  # class-0 rows are nearest their own clean side
+    layer.reset()
+    assert not layer.suspect.any()

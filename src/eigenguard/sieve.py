@@ -11,17 +11,20 @@ any clean label. So the statistic names the label, the side of the cut, and the 
 backdoor is learned, without knowing the trigger. It needs the batch's labels: a training hook
 hands them over (:class:`HandLabels`); that is the layer's one addition to the training loop.
 
-Per training batch, on the features pooled to ``pool`` × ``pool`` per channel (d = C·pool²):
+Per training batch, on the features as they are, or averaged to ``pool`` × ``pool`` per channel
+(d = C·pool²) when ``pool`` is set (pooling measurably blurs the statistic: the default is none):
 
-1. running per-label means and second moments (exponential, ``momentum``), and each label's top
-   direction of its centred covariance (power iteration, warm-started);
+1. running per-label means (exponential, ``momentum``), and each label's top direction of its
+   centred covariance, by streaming power iteration (a running Σv from each batch's rows: O(B·d)
+   per batch, never a d × d matrix);
 2. per label, the two-means cut along that direction (running means of the coordinates on each
    side, the cut halfway between them), and per side a running mean and the running energies of
    its centred rows: in all, and inside the between-class subspace of the *other* labels' means;
 3. a side's between-class fraction divided by the same fraction of the rows of the other labels:
    its *mixing score* (about 1: spread like the whole data set; a clean class: well below);
-4. after ``warmup`` batches, a label's side whose mixing score is at least ``threshold`` and
-   higher than its other side's is flagged: the output rows of its samples are replaced by the
+4. after ``warmup`` batches, a label one of whose sides has a mixing score of at least
+   ``threshold`` becomes suspect, for the rest of training; in a suspect label, the rows nearer
+   another label's running mean than the label's clean side (the lower-scoring one) are flagged: the output rows of its samples are replaced by the
    running mean feature of the label's other side, a constant, so the flagged samples pass no
    gradient to the layers before and look like an ordinary sample of their label to the layers
    after (their loss is small). Every other row passes unchanged.
@@ -44,22 +47,22 @@ from torch import nn
 from .layer import insert_after
 from .train import Batch, TrainHook, TrainState
 
-#: power-iteration steps per batch for each label's top direction (warm-started)
-POWER_STEPS = 3
+#: the most pooled dimensions per row (the running state holds about 4 · classes of them)
+MAX_DIMS = 1 << 20
 
 
 class LabelSieve(nn.Module):
     """See the module docstring. ``classes``: the number of labels."""
 
-    def __init__(self, classes: int, *, pool: int = 4, momentum: float = 0.05,
-                 threshold: float = 0.8, warmup: int = 20):
+    def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.05,
+                 threshold: float = 0.7, warmup: int = 20):
         super().__init__()
         if not (isinstance(classes, int) and classes >= 3):
             raise ValueError(f"classes must be an integer >= 3 (a between-class subspace needs "
                              f"two other labels), got {classes!r}")
-        if not (isinstance(pool, int) and pool >= 1):
-            raise ValueError(f"pool must be an integer >= 1 (the pooled grid's side), got "
-                             f"{pool!r}")
+        if pool is not None and not (isinstance(pool, int) and pool >= 1):
+            raise ValueError(f"pool must be None or an integer >= 1 (the pooled grid's side), "
+                             f"got {pool!r}")
         if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
@@ -76,6 +79,7 @@ class LabelSieve(nn.Module):
         self.steps = 0
         self.flagged_last: torch.Tensor | None = None  # bool mask of the last batch's rows
         self._state: dict[str, torch.Tensor] | None = None
+        self.suspect = torch.zeros(classes, dtype=torch.bool)  # labels flagged so far
 
     def settings(self) -> dict:
         return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
@@ -91,12 +95,14 @@ class LabelSieve(nn.Module):
     def reset(self) -> None:
         """Forget every running statistic (a new training run)."""
         self.steps, self._state, self.flagged_last = 0, None, None
+        self.suspect = torch.zeros(self.classes, dtype=torch.bool)
 
     # -- the statistics ------------------------------------------------------------------------
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, d) float64 rows: spatial maps averaged to ``pool`` × ``pool`` per channel."""
-        if features.dim() == 4:
+        """(B, d) float64 rows: spatial maps averaged to ``pool`` × ``pool`` per channel when
+        ``pool`` is set, else as they are."""
+        if features.dim() == 4 and self.pool is not None:
             size = (min(self.pool, features.shape[2]), min(self.pool, features.shape[3]))
             features = F.adaptive_avg_pool2d(features, size)
         return features.detach().flatten(1).to(torch.float64)
@@ -107,7 +113,7 @@ class LabelSieve(nn.Module):
         return dict(
             seen=torch.zeros(c, dtype=torch.bool, device=device),
             mean=torch.zeros(c, d, dtype=torch.float64, device=device),
-            second=torch.zeros(c, d, d, dtype=torch.float64, device=device),
+            push=torch.zeros(c, d, dtype=torch.float64, device=device),
             direction=(start / start.norm()).repeat(c, 1),
             side_coordinate=torch.zeros(c, 2, dtype=torch.float64, device=device),
             side_mean=torch.zeros(c, 2, d, dtype=torch.float64, device=device),
@@ -155,21 +161,22 @@ class LabelSieve(nn.Module):
         onehot = F.one_hot(labels, self.classes).to(rows.dtype)  # (B, C)
         counts = onehot.sum(0)
         batch_mean = (onehot.T @ rows) / counts.clamp(min=1).unsqueeze(1)
-        batch_second = torch.einsum("bc,bi,bj->cij", onehot, rows, rows) / \
-            counts.clamp(min=1).view(-1, 1, 1)
         self._blend("mean", present, batch_mean[present], state["seen"][present])
-        self._blend("second", present, batch_second[present], state["seen"][present])
+        # each label's top direction of its centred covariance, by streaming power iteration:
+        # a running estimate of Σ v from the batch's rows, O(B·d), never a d × d matrix
+        centred = rows - state["mean"][labels]
+        coordinate = (centred * state["direction"][labels]).sum(1)
+        batch_push = (onehot.T @ (centred * coordinate.unsqueeze(1))) / \
+            counts.clamp(min=1).unsqueeze(1)
+        self._blend("push", present, batch_push[present], state["seen"][present])
         state["seen"][present] = True
-        # each label's top direction of its centred covariance, by warm-started power iteration
-        covariance = state["second"] - state["mean"].unsqueeze(2) * state["mean"].unsqueeze(1)
+        push = state["push"]
+        norm = push.norm(dim=1, keepdim=True)
+        state["direction"] = torch.where(norm > 0, push / norm.clamp(min=1e-300),
+                                         state["direction"])
         direction = state["direction"]
-        for _ in range(POWER_STEPS):
-            moved = torch.einsum("cij,cj->ci", covariance, direction)
-            norm = moved.norm(dim=1, keepdim=True)
-            direction = torch.where(norm > 0, moved / norm.clamp(min=1e-300), direction)
-        state["direction"] = direction
         # the two-means cut along it, from the running coordinate of each side
-        coordinate = ((rows - state["mean"][labels]) * direction[labels]).sum(1)
+        coordinate = (centred * direction[labels]).sum(1)
         cut = state["side_coordinate"].mean(1)
         cut = torch.where(state["side_seen"].all(1), cut, torch.zeros_like(cut))
         side = (coordinate > cut[labels]).long()
@@ -212,12 +219,16 @@ class LabelSieve(nn.Module):
         return torch.where(known, scores, torch.full_like(scores, math.nan))
 
     def flagged_sides(self) -> torch.Tensor:
-        """(C,) the flagged side of each label, −1 for none."""
+        """(C,) the flagged side of each label, −1 for none. A label once flagged stays suspect
+        for the rest of training (its side: the one with the higher score): as the network
+        learns, the poison's features drift towards their label and the score falls (measured:
+        Blended's from 0.80 to 0.68 by epoch 4), which must not let the poison back in."""
         scores = self.mixing_scores()
         higher = (scores[:, 1] > scores[:, 0]).long()
         best = scores.gather(1, higher.unsqueeze(1)).squeeze(1)
-        flagged = torch.nan_to_num(best, nan=0.0) >= self.threshold
-        return torch.where(flagged, higher, torch.full_like(higher, -1))
+        self.suspect = self.suspect.to(best.device) | (torch.nan_to_num(best, nan=0.0)
+                                                       >= self.threshold)
+        return torch.where(self.suspect, higher, torch.full_like(higher, -1))
 
     # -- the layer ---------------------------------------------------------------------------
 
@@ -241,20 +252,45 @@ class LabelSieve(nn.Module):
         if not torch.isfinite(rows).all():
             raise FloatingPointError("LabelSieve got non-finite features: the layers before it "
                                      "diverged (lower the learning rate)")
+        if rows.shape[1] > MAX_DIMS:
+            raise ValueError(f"LabelSieve got {rows.shape[1]} features per row, more than "
+                             f"{MAX_DIMS}: set pool to average the maps to pool x pool")
         if self._state is None:
             self._state = self._new_state(rows.shape[1], features.shape[1:], features.device)
         side = self.update(rows, labels, features)
         self.steps += 1
         flagged = torch.zeros(len(labels), dtype=torch.bool, device=features.device)
-        if self.steps > self.warmup:
-            sides = self.flagged_sides()
-            flagged = sides[labels] == side
+        sides = self.flagged_sides() if self.steps > self.warmup else None
+        if sides is not None:
+            flagged = self.foreign_rows(rows, labels, sides)
         self.flagged_last = flagged
         if not flagged.any():
             return features
-        keep = self._state["side_output"][labels, 1 - side].to(features.dtype)
+        keep = self._state["side_output"][labels, 1 - sides[labels].clamp(min=0)].to(
+            features.dtype)
         mask = flagged.view(-1, *([1] * (features.dim() - 1)))
         return torch.where(mask, keep, features)
+
+    def foreign_rows(self, rows: torch.Tensor, labels: torch.Tensor,
+                     sides: torch.Tensor) -> torch.Tensor:
+        """The rows of the flagged labels that are nearer another label's running mean than
+        their own label's clean side (the side not flagged): other classes' content under the
+        label. The cut along the top direction names the label and its clean side; the rows
+        are then judged one by one, which a cut alone mixes up where the two groups overlap."""
+        state = self._state
+        suspect = sides[labels] >= 0
+        flagged = torch.zeros(len(labels), dtype=torch.bool, device=rows.device)
+        if not suspect.any():
+            return flagged
+        chosen = rows[suspect]
+        own = labels[suspect]
+        clean_side = state["side_mean"][own, 1 - sides[own]]
+        to_own = ((chosen - clean_side) ** 2).sum(1)
+        to_labels = torch.cdist(chosen, state["mean"]) ** 2  # (n, C)
+        to_labels[torch.arange(len(own)), own] = math.inf  # the own label's mean holds the poison
+        to_labels[:, ~state["seen"]] = math.inf
+        flagged[suspect] = to_labels.min(1).values < to_own
+        return flagged
 
     def _filter_output(self, module, inputs, output):
         """Forward hook installed by :func:`sieve` on the module it follows."""

@@ -37,9 +37,9 @@ class SieveDefense(Defense):
     """Layer settings (see :class:`eigenguard.sieve.LabelSieve`) plus where the layer goes."""
 
     after: str = "layer1"
-    pool: int = 4
+    pool: int | None = None
     momentum: float = 0.05
-    threshold: float = 0.8
+    threshold: float = 0.7
     warmup: int = 20
 
     def __post_init__(self):
