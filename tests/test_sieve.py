@@ -110,7 +110,8 @@ def test_evaluation_mode_is_the_identity_and_needs_no_labels():
 def test_bad_settings_and_inputs_are_named():
     for settings, word in [({"classes": 2}, "classes"), ({"pool": 0}, "pool"),
                            ({"momentum": 0}, "momentum"), ({"threshold": math.nan}, "threshold"),
-                           ({"warmup": -1}, "warmup")]:
+                           ({"warmup": -1}, "warmup"), ({"patience": 0}, "patience"),
+                           ({"margin": 0.9}, "margin")]:
         with pytest.raises(ValueError, match=word):
             LabelSieve(**{"classes": CLASSES, **settings})
     layer = LabelSieve(CLASSES).train()
@@ -164,3 +165,33 @@ def test_a_flagged_label_stays_suspect_and_its_clean_rows_pass():
     assert fp / clean < 0.01  # class-0 rows are nearest their own clean side
     layer.reset()
     assert not layer.suspect.any()
+
+
+def test_a_label_becomes_suspect_only_after_patience_batches_above_the_threshold():
+    layer = LabelSieve(CLASSES, pool=1, warmup=0, patience=25)
+    layer.train()
+    streaks = []
+    for x, y, _ in planted_batches(60):
+        layer.set_labels(y)
+        layer(x)
+        streaks.append((int(layer.streak[0]), bool(layer.suspect[0])))
+    became = next(step for step, (_, suspect) in enumerate(streaks) if suspect)
+    assert streaks[became][0] == 25 and all(streak < 25 for streak, _ in streaks[:became])
+    assert not layer.suspect[1:].any()
+
+
+def test_one_label_at_most_and_only_when_it_leads_by_the_margin():
+    """Two labels poisoned alike (all-to-all-like): neither leads the other by the margin, so
+    none is suspect, the stated limit of an all-to-one detector; with margin 1 the leader is,
+    and it alone."""
+    def two_targets(steps, seed=0):
+        for x, y, poisoned in planted_batches(steps, seed=seed):
+            halves = torch.arange(len(y)) % 2 == 1
+            yield x, torch.where(poisoned & halves, torch.ones_like(y), y), poisoned
+    strict = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.2)
+    run_layer(strict, two_targets(120))
+    scores = strict.mixing_scores().nan_to_num(0).max(1).values
+    assert scores[0] > 0.7 and scores[1] > 0.7 and not strict.suspect.any()
+    loose = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.0)
+    run_layer(loose, two_targets(120))
+    assert int(loose.suspect.sum()) == 1 and bool(loose.suspect[:2].any())

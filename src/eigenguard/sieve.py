@@ -22,8 +22,9 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    its centred rows: in all, and inside the between-class subspace of the *other* labels' means;
 3. a side's between-class fraction divided by the same fraction of the rows of the other labels:
    its *mixing score* (about 1: spread like the whole data set; a clean class: well below);
-4. after ``warmup`` batches, a label one of whose sides has a mixing score of at least
-   ``threshold`` becomes suspect, for the rest of training; in a suspect label, the rows nearer
+4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at
+   least ``threshold`` and ``margin`` times the next label's, for ``patience`` batches in a row
+   becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect label, the rows nearer
    another label's running mean than the label's clean side (the lower-scoring one) are flagged: the output rows of its samples are replaced by the
    running mean feature of the label's other side, a constant, so the flagged samples pass no
    gradient to the layers before and look like an ordinary sample of their label to the layers
@@ -54,8 +55,9 @@ MAX_DIMS = 1 << 20
 class LabelSieve(nn.Module):
     """See the module docstring. ``classes``: the number of labels."""
 
-    def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.05,
-                 threshold: float = 0.7, warmup: int = 20):
+    def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.1,
+                 threshold: float = 0.7, margin: float = 1.2, warmup: int = 10,
+                 patience: int = 10):
         super().__init__()
         if not (isinstance(classes, int) and classes >= 3):
             raise ValueError(f"classes must be an integer >= 3 (a between-class subspace needs "
@@ -70,20 +72,29 @@ class LabelSieve(nn.Module):
             raise ValueError(f"threshold must be a positive number (the mixing score that "
                              f"flags a side; 1 = spread like the whole data set), got "
                              f"{threshold!r}")
+        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 1):
+            raise ValueError(f"margin must be a number >= 1 (how many times the next label's "
+                             f"score the suspect label's must be), got {margin!r}")
+        if not (isinstance(patience, int) and patience >= 1):
+            raise ValueError(f"patience must be an integer >= 1 (batches in a row above the "
+                             f"threshold before a label is suspect), got {patience!r}")
         if not (isinstance(warmup, int) and warmup >= 0):
             raise ValueError(f"warmup must be an integer >= 0 (batches before acting), got "
                              f"{warmup!r}")
         self.classes, self.pool, self.momentum = classes, pool, float(momentum)
-        self.threshold, self.warmup = float(threshold), warmup
+        self.threshold, self.warmup, self.patience = float(threshold), warmup, patience
+        self.margin = float(margin)
         self.labels: torch.Tensor | None = None
         self.steps = 0
         self.flagged_last: torch.Tensor | None = None  # bool mask of the last batch's rows
         self._state: dict[str, torch.Tensor] | None = None
         self.suspect = torch.zeros(classes, dtype=torch.bool)  # labels flagged so far
+        self.streak = torch.zeros(classes, dtype=torch.long)  # batches in a row above threshold
 
     def settings(self) -> dict:
         return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
-                    threshold=self.threshold, warmup=self.warmup)
+                    threshold=self.threshold, margin=self.margin, warmup=self.warmup,
+                    patience=self.patience)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -96,6 +107,7 @@ class LabelSieve(nn.Module):
         """Forget every running statistic (a new training run)."""
         self.steps, self._state, self.flagged_last = 0, None, None
         self.suspect = torch.zeros(self.classes, dtype=torch.bool)
+        self.streak = torch.zeros(self.classes, dtype=torch.long)
 
     # -- the statistics ------------------------------------------------------------------------
 
@@ -219,15 +231,32 @@ class LabelSieve(nn.Module):
         return torch.where(known, scores, torch.full_like(scores, math.nan))
 
     def flagged_sides(self) -> torch.Tensor:
-        """(C,) the flagged side of each label, −1 for none. A label once flagged stays suspect
-        for the rest of training (its side: the one with the higher score): as the network
-        learns, the poison's features drift towards their label and the score falls (measured:
-        Blended's from 0.80 to 0.68 by epoch 4), which must not let the poison back in."""
+        """(C,) the flagged side of each label, −1 for none.
+
+        One label at most becomes suspect (all-to-one poison: one target): the label whose
+        higher side scores highest, when that score is at least ``threshold`` and at least
+        ``margin`` times the next label's, for ``patience`` batches in a row. A clean class that
+        is itself mixed up with others (Fashion-MNIST's coats, among pullovers and shirts) can
+        pass the threshold; it does not lead the poison label by the margin. The suspect label
+        stays suspect for the rest of training (its side: the one with the higher score): as
+        the network learns, the poison's features drift towards their label and the score
+        falls (measured: Blended's from 0.80 to 0.68 by epoch 4), which must not let the
+        poison back in."""
         scores = self.mixing_scores()
         higher = (scores[:, 1] > scores[:, 0]).long()
-        best = scores.gather(1, higher.unsqueeze(1)).squeeze(1)
-        self.suspect = self.suspect.to(best.device) | (torch.nan_to_num(best, nan=0.0)
-                                                       >= self.threshold)
+        best = torch.nan_to_num(scores.gather(1, higher.unsqueeze(1)).squeeze(1), nan=0.0)
+        self.suspect = self.suspect.to(best.device)
+        self.streak = self.streak.to(best.device)
+        if not self.suspect.any():
+            top = best.topk(2)
+            leader = int(top.indices[0])
+            leads = bool(top.values[0] >= self.threshold
+                         and top.values[0] >= self.margin * top.values[1])
+            streak = int(self.streak[leader]) + 1 if leads else 0
+            self.streak.zero_()
+            self.streak[leader] = streak
+            if streak >= self.patience:
+                self.suspect[leader] = True
         return torch.where(self.suspect, higher, torch.full_like(higher, -1))
 
     # -- the layer ---------------------------------------------------------------------------
@@ -342,6 +371,8 @@ class HandLabels(TrainHook):
 
     def on_epoch_end(self, state: TrainState, record: dict) -> None:
         record["sieve_flagged"] = int(sum(len(rows) for rows in self.flagged_epoch))
+        record["sieve_suspect"] = sorted({label for layer in self.layers
+                                          for label in layer.suspect.nonzero().flatten().tolist()})
 
     def flagged_indices(self) -> torch.Tensor:
         """Training indices flagged in the last epoch (sorted, unique)."""

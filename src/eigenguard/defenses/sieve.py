@@ -38,16 +38,18 @@ class SieveDefense(Defense):
 
     after: str = "layer1"
     pool: int | None = None
-    momentum: float = 0.05
+    momentum: float = 0.1
     threshold: float = 0.7
-    warmup: int = 20
+    margin: float = 1.2
+    warmup: int = 10
+    patience: int = 10
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
 
     def layer_settings(self) -> dict:
         return dict(pool=self.pool, momentum=self.momentum, threshold=self.threshold,
-                    warmup=self.warmup)
+                    margin=self.margin, warmup=self.warmup, patience=self.patience)
 
     def prepare_model(self, model):
         sieve(model, self.after, class_count(model), **self.layer_settings())
