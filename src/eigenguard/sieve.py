@@ -23,8 +23,8 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
 3. a side's between-class fraction divided by the same fraction of the rows of the other labels:
    its *mixing score* (about 1: spread like the whole data set; a clean class: well below);
 4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at
-   least ``threshold`` and ``margin`` times the next label's, for ``patience`` batches in a row
-   becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect label, the rows nearer
+   least ``threshold`` and ``margin`` times the next label's, ``patience`` batches more than it
+   did not, becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect label, the rows nearer
    another label's running mean than the label's clean side (the lower-scoring one) are flagged: the output rows of its samples are replaced by the
    running mean feature of the label's other side, a constant, so the flagged samples pass no
    gradient to the layers before and look like an ordinary sample of their label to the layers
@@ -55,8 +55,8 @@ MAX_DIMS = 1 << 20
 class LabelSieve(nn.Module):
     """See the module docstring. ``classes``: the number of labels."""
 
-    def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.1,
-                 threshold: float = 0.7, margin: float = 1.2, warmup: int = 10,
+    def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.05,
+                 threshold: float = 0.6, margin: float = 1.2, warmup: int = 10,
                  patience: int = 10):
         super().__init__()
         if not (isinstance(classes, int) and classes >= 3):
@@ -76,7 +76,7 @@ class LabelSieve(nn.Module):
             raise ValueError(f"margin must be a number >= 1 (how many times the next label's "
                              f"score the suspect label's must be), got {margin!r}")
         if not (isinstance(patience, int) and patience >= 1):
-            raise ValueError(f"patience must be an integer >= 1 (batches in a row above the "
+            raise ValueError(f"patience must be an integer >= 1 (net batches leading above the "
                              f"threshold before a label is suspect), got {patience!r}")
         if not (isinstance(warmup, int) and warmup >= 0):
             raise ValueError(f"warmup must be an integer >= 0 (batches before acting), got "
@@ -89,7 +89,7 @@ class LabelSieve(nn.Module):
         self.flagged_last: torch.Tensor | None = None  # bool mask of the last batch's rows
         self._state: dict[str, torch.Tensor] | None = None
         self.suspect = torch.zeros(classes, dtype=torch.bool)  # labels flagged so far
-        self.streak = torch.zeros(classes, dtype=torch.long)  # batches in a row above threshold
+        self.streak = torch.zeros(classes, dtype=torch.long)  # net batches each label led
 
     def settings(self) -> dict:
         return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
@@ -235,7 +235,8 @@ class LabelSieve(nn.Module):
 
         One label at most becomes suspect (all-to-one poison: one target): the label whose
         higher side scores highest, when that score is at least ``threshold`` and at least
-        ``margin`` times the next label's, for ``patience`` batches in a row. A clean class that
+        ``margin`` times the next label's, ``patience`` batches more often than not (each batch
+        it leads adds one to its count, each other batch takes one away). A clean class that
         is itself mixed up with others (Fashion-MNIST's coats, among pullovers and shirts) can
         pass the threshold; it does not lead the poison label by the margin. The suspect label
         stays suspect for the rest of training (its side: the one with the higher score): as
@@ -252,10 +253,12 @@ class LabelSieve(nn.Module):
             leader = int(top.indices[0])
             leads = bool(top.values[0] >= self.threshold
                          and top.values[0] >= self.margin * top.values[1])
-            streak = int(self.streak[leader]) + 1 if leads else 0
-            self.streak.zero_()
-            self.streak[leader] = streak
-            if streak >= self.patience:
+            # the leader's count goes up, every other count down (not to zero: one noisy batch
+            # of the running estimate must not undo a label's lead)
+            self.streak.sub_(1).clamp_(min=0)
+            if leads:
+                self.streak[leader] += 2
+            if self.streak[leader] >= self.patience:
                 self.suspect[leader] = True
         return torch.where(self.suspect, higher, torch.full_like(higher, -1))
 
@@ -373,6 +376,10 @@ class HandLabels(TrainHook):
         record["sieve_flagged"] = int(sum(len(rows) for rows in self.flagged_epoch))
         record["sieve_suspect"] = sorted({label for layer in self.layers
                                           for label in layer.suspect.nonzero().flatten().tolist()})
+        layer = self.layers[0]
+        if layer._state is not None:  # each label's higher mixing score at the epoch's end
+            scores = layer.mixing_scores().nan_to_num(0).max(1).values
+            record["sieve_scores"] = [round(float(score), 3) for score in scores]
 
     def flagged_indices(self) -> torch.Tensor:
         """Training indices flagged in the last epoch (sorted, unique)."""

@@ -38,8 +38,8 @@ class SieveDefense(Defense):
 
     after: str = "layer1"
     pool: int | None = None
-    momentum: float = 0.1
-    threshold: float = 0.7
+    momentum: float = 0.05
+    threshold: float = 0.6
     margin: float = 1.2
     warmup: int = 10
     patience: int = 10
