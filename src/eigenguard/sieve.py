@@ -85,11 +85,7 @@ class LabelSieve(nn.Module):
         self.threshold, self.warmup, self.patience = float(threshold), warmup, patience
         self.margin = float(margin)
         self.labels: torch.Tensor | None = None
-        self.steps = 0
-        self.flagged_last: torch.Tensor | None = None  # bool mask of the last batch's rows
-        self._state: dict[str, torch.Tensor] | None = None
-        self.suspect = torch.zeros(classes, dtype=torch.bool)  # labels flagged so far
-        self.streak = torch.zeros(classes, dtype=torch.long)  # net batches each label led
+        self.reset()
 
     def settings(self) -> dict:
         return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
@@ -105,9 +101,11 @@ class LabelSieve(nn.Module):
 
     def reset(self) -> None:
         """Forget every running statistic (a new training run)."""
-        self.steps, self._state, self.flagged_last = 0, None, None
-        self.suspect = torch.zeros(self.classes, dtype=torch.bool)
-        self.streak = torch.zeros(self.classes, dtype=torch.long)
+        self.steps = 0
+        self._state: dict[str, torch.Tensor] | None = None
+        self.flagged_last: torch.Tensor | None = None  # bool mask of the last batch's rows
+        self.suspect = torch.zeros(self.classes, dtype=torch.bool)  # labels flagged so far
+        self.streak = torch.zeros(self.classes, dtype=torch.long)  # net batches each label led
 
     # -- the statistics ------------------------------------------------------------------------
 
@@ -198,9 +196,9 @@ class LabelSieve(nn.Module):
             basis = bases[label]
             others = rows[~mine]
             if len(others) > 1:
-                centred = others - others.mean(0)
-                total = (centred ** 2).sum(1).mean()
-                between = ((centred @ basis.T) ** 2).sum(1).mean()
+                rest = others - others.mean(0)
+                total = (rest ** 2).sum(1).mean()
+                between = ((rest @ basis.T) ** 2).sum(1).mean()
                 seen = state["pool_total"][label] > 0
                 self._blend("pool_total", label, total, seen)
                 self._blend("pool_between", label, between, seen)
@@ -361,7 +359,6 @@ class HandLabels(TrainHook):
     def on_batch(self, state: TrainState, batch: Batch) -> Batch:
         for layer in self.layers:
             layer.set_labels(batch.labels)
-        self._indices = batch.indices
         return batch
 
     def loss(self, state, batch, logits, losses, loss):
