@@ -2,8 +2,9 @@
 keeps it from teaching the network while it trains.
 
 Why (docs/ANALYSIS.md, "Label-conditional signatures over training"). All-to-one dirty-label
-poison puts images of every other class under one label. At an early stage (``layer1`` of the
-PreAct-ResNet), from the first epoch, the label's rows split along their top direction into two
+poison puts images of every other class under one label. At an early stage (``layer1`` or
+``layer2`` of the PreAct-ResNet; the defense places it after ``layer2``, docs/SIEVE.md), from the
+first epoch, the label's rows split along their top direction into two
 groups, and the group holding the poison spreads over the *between-class* subspace (the span of
 the other labels' mean features) about as much as the whole data set does, because it is made of
 every other class; the clean group, one class, spreads over it far less, and so do both halves of

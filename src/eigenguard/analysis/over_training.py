@@ -10,7 +10,8 @@ layers included, as :func:`eigenguard.experiment.load_run_model` does) and measu
   on, so the stage's point already shows it;
 - the label-conditional spectral signatures of the mixed images (:mod:`.signatures`) at each of
   those points: the poison label's top-to-second energy ratio against the other labels' largest,
-  and its poisoned rows' separation along its top direction. Whether the poison label stands out
+  its poisoned rows' separation along its top direction, and the accuracy of the two-means cut
+  along it. Whether the poison label stands out
   before the backdoor is learned says whether a defense acting during training could find it in
   time;
 - ASR and ACC on a fixed seeded draw of :data:`ASR_IMAGES` test images (the same at every epoch;
