@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from eigenguard.experiment import RunConfig
 from eigenguard.models import create_model
 from eigenguard.sieve import HandLabels, LabelSieve, find_sieves, sieve
 
@@ -111,7 +112,7 @@ def test_bad_settings_and_inputs_are_named():
     for settings, word in [({"classes": 2}, "classes"), ({"pool": 0}, "pool"),
                            ({"momentum": 0}, "momentum"), ({"threshold": math.nan}, "threshold"),
                            ({"warmup": -1}, "warmup"), ({"patience": 0}, "patience"),
-                           ({"margin": 0.9}, "margin")]:
+                           ({"margin": 0.9}, "margin"), ({"statistic": "kurtosis"}, "statistic")]:
         with pytest.raises(ValueError, match=word):
             LabelSieve(**{"classes": CLASSES, **settings})
     layer = LabelSieve(CLASSES).train()
@@ -195,3 +196,38 @@ def test_one_label_at_most_and_only_when_it_leads_by_the_margin():
     loose = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.0)
     run_layer(loose, two_targets(120))
     assert int(loose.suspect.sum()) == 1 and bool(loose.suspect[:2].any())
+
+
+@pytest.mark.parametrize("shift", [1.0, 10.0])
+def test_the_spread_statistic_flags_poison_made_of_every_other_class(shift):
+    """The poisoned side's rows, their common offset (the trigger's shift, small or large) taken
+    away, are nearest every other label's mean about equally; a clean class's rows are nearest
+    a few neighbours."""
+    layer = LabelSieve(CLASSES, pool=1, warmup=20, statistic="spread")
+    tp, poisoned, fp, clean = run_layer(layer, planted_batches(200, shift=shift))
+    assert tp / poisoned > 0.95 and fp / clean < 0.01  # measured 1.0 and 0.0
+    scores = layer.spread_scores()
+    poison_side = int(scores[0].argmax())
+    assert scores[0, poison_side] > 0.9  # measured 0.99: all nine labels
+    others = torch.cat([scores[0, 1 - poison_side].view(1), scores[1:].flatten()])
+    assert float(others.max()) < 0.7  # measured 0.12 (shift 1) and 0.52 (shift 10)
+    assert layer.flagged_sides().tolist() == [poison_side] + [-1] * (CLASSES - 1)
+
+
+def test_the_spread_statistic_flags_nothing_in_clean_or_clean_label_data():
+    for batches in (planted_batches(150, poison=0.0), planted_batches(150, clean_label=True)):
+        layer = LabelSieve(CLASSES, pool=1, warmup=20, statistic="spread")
+        tp, _, fp, _ = run_layer(layer, batches)
+        assert tp == 0 and fp == 0 and not layer.suspect.any()
+
+
+def test_the_statistic_setting_keeps_stored_sieve_runs_keys():
+    # Guards the keys of the sieve runs stored before the setting existed: the value was
+    # computed with the code before it (RunConfig with the fingerprint "fixed-fingerprint").
+    default = RunConfig(defense="sieve")
+    assert default.key("fixed-fingerprint") == "5353a4ca885f76da"
+    assert "statistic" not in default.resolved()["defense_settings"]
+    spread = RunConfig(defense="sieve", defense_settings={"statistic": "spread"})
+    assert spread.resolved()["defense_settings"]["statistic"] == "spread"
+    assert spread.key("d") != default.key("d")
+    assert RunConfig.from_dict(spread.resolved()).key("d") == spread.key("d")

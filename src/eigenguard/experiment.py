@@ -215,7 +215,7 @@ class RunConfig(SetupConfig):
         """The config as plain data with every attack and defense setting spelled out."""
         data = self.setup_resolved()
         data["defense"] = self.defense
-        data["defense_settings"] = self.build_defense().settings()
+        data["defense_settings"] = self.build_defense().key_settings()
         return data
 
     def key(self, fingerprint: str) -> str:

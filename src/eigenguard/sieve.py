@@ -52,14 +52,20 @@ from .train import Batch, TrainHook, TrainState
 #: the most pooled dimensions per row (the running state holds about 4 · classes of them)
 MAX_DIMS = 1 << 20
 
+#: what scores a side of a label's cut (see :meth:`LabelSieve.side_scores`)
+STATISTICS = ("mixing", "spread")
+
 
 class LabelSieve(nn.Module):
     """See the module docstring. ``classes``: the number of labels."""
 
     def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.05,
                  threshold: float = 0.6, margin: float = 1.2, warmup: int = 10,
-                 patience: int = 10):
+                 patience: int = 10, statistic: str = "mixing"):
         super().__init__()
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {', '.join(STATISTICS)} (what scores a "
+                             f"side of a label's cut), got {statistic!r}")
         if not (isinstance(classes, int) and classes >= 3):
             raise ValueError(f"classes must be an integer >= 3 (a between-class subspace needs "
                              f"two other labels), got {classes!r}")
@@ -84,14 +90,14 @@ class LabelSieve(nn.Module):
                              f"{warmup!r}")
         self.classes, self.pool, self.momentum = classes, pool, float(momentum)
         self.threshold, self.warmup, self.patience = float(threshold), warmup, patience
-        self.margin = float(margin)
+        self.margin, self.statistic = float(margin), statistic
         self.labels: torch.Tensor | None = None
         self.reset()
 
     def settings(self) -> dict:
         return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
                     threshold=self.threshold, margin=self.margin, warmup=self.warmup,
-                    patience=self.patience)
+                    patience=self.patience, statistic=self.statistic)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -133,6 +139,7 @@ class LabelSieve(nn.Module):
             side_seen=torch.zeros(c, 2, dtype=torch.bool, device=device),
             pool_total=torch.zeros(c, dtype=torch.float64, device=device),
             pool_between=torch.zeros(c, dtype=torch.float64, device=device),
+            side_nearest=torch.zeros(c, 2, c, dtype=torch.float64, device=device),
             side_output=torch.zeros(c, 2, *shape, device=device),
         )
 
@@ -216,8 +223,39 @@ class LabelSieve(nn.Module):
                 self._blend("side_total", (label, which), (centred ** 2).sum(1).mean(), seen)
                 self._blend("side_between", (label, which),
                             ((centred @ basis.T) ** 2).sum(1).mean(), seen)
+                self._blend("side_nearest", (label, which), self.nearest_others(centred, label),
+                            seen)
                 state["side_seen"][label, which] = True
         return side
+
+    def nearest_others(self, centred: torch.Tensor, label: int) -> torch.Tensor:
+        """(C,) the share of the centred rows of one side of ``label`` nearest each other seen
+        label's running mean, once moved to the centre of the labels' means (the side's common
+        offset, a trigger's shift among them, taken away)."""
+        mean, seen = self._state["mean"], self._state["seen"]
+        centre = mean[seen].mean(0)
+        distance = torch.cdist(centred + centre, mean)
+        distance[:, label] = math.inf
+        distance[:, ~seen] = math.inf
+        return torch.bincount(distance.argmin(1), minlength=self.classes).to(mean.dtype) / \
+            len(centred)
+
+    def side_scores(self) -> torch.Tensor:
+        """(C, 2): each side's score by the layer's ``statistic`` (NaN until known)."""
+        return self.mixing_scores() if self.statistic == "mixing" else self.spread_scores()
+
+    def spread_scores(self) -> torch.Tensor:
+        """(C, 2): over how many other labels each side's rows are spread, once their common
+        offset is taken away: the effective number (exp of the entropy) of the labels whose
+        running means are nearest them (:meth:`nearest_others`), over the number of other labels
+        (1: spread evenly over every other label, like poison made of every other class; a clean
+        class is nearest a few neighbours). NaN until known."""
+        state = self._state
+        shares = state["side_nearest"]
+        entropy = -(shares * shares.clamp(min=1e-300).log()).sum(-1)
+        others = (state["seen"].sum() - 1).clamp(min=1).to(shares.dtype)
+        scores = entropy.exp() / others
+        return torch.where(state["side_seen"], scores, torch.full_like(scores, math.nan))
 
     def mixing_scores(self) -> torch.Tensor:
         """(C, 2): each side's between-class fraction over the other labels' fraction (NaN until
@@ -242,7 +280,7 @@ class LabelSieve(nn.Module):
         the network learns, the poison's features drift towards their label and the score
         falls (measured: Blended's from 0.80 to 0.68 by epoch 4), which must not let the
         poison back in."""
-        scores = self.mixing_scores()
+        scores = self.side_scores()
         higher = (scores[:, 1] > scores[:, 0]).long()
         best = torch.nan_to_num(scores.gather(1, higher.unsqueeze(1)).squeeze(1), nan=0.0)
         self.suspect = self.suspect.to(best.device)
@@ -375,8 +413,8 @@ class HandLabels(TrainHook):
         record["sieve_suspect"] = sorted({label for layer in self.layers
                                           for label in layer.suspect.nonzero().flatten().tolist()})
         layer = self.layers[0]
-        if layer._state is not None:  # each label's higher mixing score at the epoch's end
-            scores = layer.mixing_scores().nan_to_num(0).max(1).values
+        if layer._state is not None:  # each label's higher side score at the epoch's end
+            scores = layer.side_scores().nan_to_num(0).max(1).values
             record["sieve_scores"] = [round(float(score), 3) for score in scores]
 
     def flagged_indices(self) -> torch.Tensor:

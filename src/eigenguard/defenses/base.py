@@ -91,9 +91,19 @@ class Defense:
     clean_data = False
     starts_from = "scratch"
     protocols: tuple[str, ...] = ("triggered",)
+    #: settings added after runs were stored, each with the value that does what those runs
+    #: did: left out of the run's key while they hold it, so the stored runs keep their keys
+    #: (any other value is spelled out and gets a key of its own)
+    later_settings: dict = {}
 
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def key_settings(self) -> dict:
+        """The settings a run's key hashes: :meth:`settings` less the ``later_settings`` that
+        hold their earlier value."""
+        return {name: value for name, value in self.settings().items()
+                if not (name in self.later_settings and self.later_settings[name] == value)}
 
     def reduced_settings(self) -> dict[str, tuple]:
         """{setting: (this value, the paper's)} for every setting below the paper's budget

@@ -43,13 +43,17 @@ class SieveDefense(Defense):
     margin: float = 1.2
     warmup: int = 10
     patience: int = 10
+    statistic: str = "mixing"
+
+    later_settings = {"statistic": "mixing"}
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
 
     def layer_settings(self) -> dict:
         return dict(pool=self.pool, momentum=self.momentum, threshold=self.threshold,
-                    margin=self.margin, warmup=self.warmup, patience=self.patience)
+                    margin=self.margin, warmup=self.warmup, patience=self.patience,
+                    statistic=self.statistic)
 
     def prepare_model(self, model):
         sieve(model, self.after, class_count(model), **self.layer_settings())
