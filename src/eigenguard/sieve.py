@@ -23,6 +23,10 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    its centred rows: in all, and inside the between-class subspace of the *other* labels' means;
 3. a side's between-class fraction divided by the same fraction of the rows of the other labels:
    its *mixing score* (about 1: spread like the whole data set; a clean class: well below);
+   or, with ``statistic="spread"``, over how many other labels the side's rows lie once their
+   common offset is taken away (:meth:`LabelSieve.spread_scores`: it sees Blended's poison
+   offline, which the mixing score does not, but did not keep its lead in training,
+   docs/SIEVE.md);
 4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at
    least ``threshold`` and ``margin`` times the next label's, ``patience`` batches more than it
    did not, becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect label, the rows nearer
