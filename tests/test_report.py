@@ -43,9 +43,10 @@ def test_report_sorts_runs_by_config_values(tmp_path):
     assert keys(store, prefixes=["c", "a"], sort=["defense_settings.k"]) == ["a", "c"]
 
 
-def _stored_run(store, key, seed, defense, evaluations):
-    setup = {"dataset": "d", "model": "m", "width": 8, "attack": "badnets", "poison_ratio": 0.1,
-             "seed": seed, "train": {"epochs": 1}}
+def _stored_run(store, key, seed, defense, evaluations, attack=("badnets", {})):
+    setup = {"dataset": "d", "model": "m", "width": 8, "attack": attack[0],
+             "attack_settings": attack[1], "poison_ratio": 0.1, "seed": seed,
+             "train": {"epochs": 1}}
     config = {**setup, "defense": defense,
               "defense_settings": {} if defense == "none" else {"k": 4, "after": "layer1"}}
     token = _claim(store, key, config, setup_key=f"setup-{seed}")
@@ -88,6 +89,16 @@ def test_a_defense_label_comes_from_the_defense(tmp_path):
     store = ResultStore(tmp_path / "s.sqlite")
     _stored_run(store, "x", 0, "unknown-defense", [("triggered", 0.5, 0.5)])
     assert result_rows(store)[0][6] == "unknown-defense"  # not registered here: its name
+
+
+def test_an_attack_label_names_the_settings_that_differ_from_its_defaults(tmp_path):
+    store = ResultStore(tmp_path / "s.sqlite")
+    _stored_run(store, "a", 0, "none", [("triggered", 0.5, 0.5)],
+                attack=("wanet", {"k": 4, "s": 1.0, "cross_ratio": 2.0}))
+    _stored_run(store, "b", 0, "none", [("triggered", 0.5, 0.5)],
+                attack=("wanet", {"k": 4, "s": 0.5, "cross_ratio": 2.0}))
+    _stored_run(store, "c", 0, "none", [("triggered", 0.5, 0.5)], attack=("gone", {"x": 1}))
+    assert [row[4] for row in result_rows(store)] == ["wanet(s=1.0)", "wanet", "gone"]
 
 
 @pytest.mark.parametrize("status, shown", [("finished", True), ("evaluation-failed", True),

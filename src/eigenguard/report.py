@@ -5,9 +5,11 @@ import dataclasses
 import json
 import statistics
 
+from .attacks.registry import ATTACKS
 from .defenses.registry import DEFENSES
 from .evaluate import PROTOCOLS, der
 from .errors import EigenGuardError
+from .settings import changed_settings
 from .store import ResultStore, StoredRun
 
 RUN_COLUMNS = ("run", "commit", "dataset", "model", "attack", "poison", "defense", "seed", "epochs")
@@ -27,6 +29,21 @@ def _defense_label(run: StoredRun) -> str:
         return defense_class(**{k: v for k, v in settings.items() if k in known}).label()
     except (EigenGuardError, KeyError, TypeError, ValueError):
         return name
+
+
+def _attack_label(run: StoredRun) -> str:
+    """The attack's name with the settings that differ from its defaults (``wanet(s=1.0)``), so
+    variants of one attack read apart; its name where it cannot be rebuilt."""
+    name = run.config["attack"]
+    settings = dict(run.config.get("attack_settings") or {})
+    try:
+        attack_class = ATTACKS.get(name)
+        known = {f.name for f in dataclasses.fields(attack_class)}
+        changed = changed_settings(attack_class(**{k: v for k, v in settings.items()
+                                                   if k in known}))
+    except (EigenGuardError, KeyError, TypeError, ValueError):
+        return name
+    return f"{name}({', '.join(changed)})" if changed else name
 
 
 def parse_condition(text: str) -> tuple[list[str], object]:
@@ -113,7 +130,7 @@ def _dataset_cell(config: dict) -> str:
 def _setup_cells(run: StoredRun) -> tuple:
     """Data set, model/width, attack, poison ratio and defense of a run."""
     config = run.config
-    return (_dataset_cell(config), f"{config['model']}/{config['width']}", config["attack"],
+    return (_dataset_cell(config), f"{config['model']}/{config['width']}", _attack_label(run),
             f"{config['poison_ratio']:.0%}", _defense_label(run))
 
 

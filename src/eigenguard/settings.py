@@ -19,6 +19,13 @@ class SettingError(EigenGuardError, ValueError):
     """A ``--set`` that names no setting, or a value of the wrong type."""
 
 
+def changed_settings(instance) -> list[str]:
+    """``name=value`` for every dataclass setting of ``instance`` that differs from its default
+    (what a table's label shows of an attack's or a defense's settings)."""
+    return [f"{f.name}={getattr(instance, f.name)}" for f in dataclasses.fields(instance)
+            if f.default is not dataclasses.MISSING and getattr(instance, f.name) != f.default]
+
+
 def declared_types(cls) -> dict[str, object]:
     """Each dataclass field of ``cls`` with its declared type (string annotations resolved)."""
     hints = typing.get_type_hints(cls)

@@ -21,6 +21,7 @@ from torch import nn
 from ..budgets import reduced_budget
 from ..data import ImageSet
 from ..errors import EigenGuardError
+from ..settings import changed_settings
 
 #: how a defense obtains its model: trains one from scratch, or repairs the backdoored one
 STARTS_FROM = ("scratch", "backdoored")
@@ -119,8 +120,7 @@ class Defense:
 
     def changed_settings(self) -> list[str]:
         """``name=value`` for every setting that differs from its default."""
-        return [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
+        return changed_settings(self)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Architecture changes the defense makes (used again to reload a checkpoint)."""
