@@ -5,11 +5,10 @@ import dataclasses
 import json
 import statistics
 
-from .attacks.registry import ATTACKS
+from .attacks.registry import attack_label
 from .defenses.registry import DEFENSES
 from .evaluate import PROTOCOLS, der
 from .errors import EigenGuardError
-from .settings import changed_settings
 from .store import ResultStore, StoredRun
 
 RUN_COLUMNS = ("run", "commit", "dataset", "model", "attack", "poison", "defense", "seed", "epochs")
@@ -32,18 +31,7 @@ def _defense_label(run: StoredRun) -> str:
 
 
 def _attack_label(run: StoredRun) -> str:
-    """The attack's name with the settings that differ from its defaults (``wanet(s=1.0)``), so
-    variants of one attack read apart; its name where it cannot be rebuilt."""
-    name = run.config["attack"]
-    settings = dict(run.config.get("attack_settings") or {})
-    try:
-        attack_class = ATTACKS.get(name)
-        known = {f.name for f in dataclasses.fields(attack_class)}
-        changed = changed_settings(attack_class(**{k: v for k, v in settings.items()
-                                                   if k in known}))
-    except (EigenGuardError, KeyError, TypeError, ValueError):
-        return name
-    return f"{name}({', '.join(changed)})" if changed else name
+    return attack_label(run.config["attack"], run.config.get("attack_settings"))
 
 
 def parse_condition(text: str) -> tuple[list[str], object]:

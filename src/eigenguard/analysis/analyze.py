@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..attacks.helpers import single_thread
+from ..attacks.registry import attack_label
 from ..layer import EigenGuard, find_guards
 from ..store import ResultStore, StoredRun
 from . import figures
@@ -168,7 +169,8 @@ def _analyze_run(store, run, *, out_dir, count, k, seed, data_root, device, tsne
     model, samples = loaded.model, loaded.samples
     guards = find_guards(model)
     k = k if k is not None else (guards[0][1].k if guards else DEFAULT_K)
-    label = f"{loaded.config.attack} {loaded.config.poison_ratio:.0%}, {loaded.config.defense}"
+    label = (f"{attack_label(loaded.config.attack, loaded.config.attack_settings)} "
+             f"{loaded.config.poison_ratio:.0%}, {loaded.config.defense}")
     log(f"[{run.key[:8]}] analysing {label}: {len(samples.clean)} images of each kind, k = {k}")
     folder = Path(out_dir) / run.key[:8]
     folder.mkdir(parents=True, exist_ok=True)

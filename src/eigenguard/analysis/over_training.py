@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..attacks.registry import attack_label
 from ..evaluate import evaluate
 from ..experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
                           missing_epoch_checkpoints, poison_training_set, run)
@@ -206,7 +207,8 @@ def analyze_over_training(store: ResultStore, stored: StoredRun, *, folder, coun
         raise ValueError(f"run {stored.key[:8]} has no intermediate checkpoints: analyse it with "
                          "--save-every N (which trains it again to keep them)")
     config = RunConfig.from_dict(stored.config)
-    label = f"{config.attack} {config.poison_ratio:.0%}, {config.defense}"
+    label = (f"{attack_label(config.attack, config.attack_settings)} "
+             f"{config.poison_ratio:.0%}, {config.defense}")
     if not kept.get("epochs"):
         raise ValueError(f"run {stored.key[:8]} ({label}) kept no epoch: it trained nothing on "
                          "the poisoned set")
