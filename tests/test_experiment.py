@@ -120,6 +120,11 @@ def test_undefended_backdoor_works_and_runs_reproduce(tmp_path, synthetic_root):
     # dirty-label draws from every class: the ones already in the target keep their label
     assert stored.extra["poisoned"] == 170
     assert 0 < stored.extra["poisoned"] - stored.extra["flipped_labels"] < 40
+    # the cost rows: wall seconds per stage, and the processor seconds of the whole run
+    cost = {row["metric"]: row["value"] for row in store.metrics(first.key)
+            if row["protocol"] == "cost"}
+    assert set(cost) == {"seconds.poison", "seconds.defend", "seconds.evaluate", "cpu_seconds"}
+    assert cost["cpu_seconds"] > 0.5 * cost["seconds.defend"] > 0  # it trained on the processor
 
 
 def test_poisoning_from_the_non_target_classes_flips_every_label(synthetic_root):

@@ -235,3 +235,7 @@ def test_costs_come_from_runs_of_the_same_kind_else_scale_with_images_and_epochs
     # 100 s / (850 images x 2 epochs), times 4 epochs x 2000 x (1 - 0.1 - 0.05) images
     assert costs.estimate(bigger, 60000) == pytest.approx(100 / 1700 * 4 * 1700)
     assert costs.estimate(RunConfig(model="small_cnn", width=16), 60000) is None
+    # a run slowed tenfold (paused, or beside other work) does not set the estimate: the median
+    for seconds in (110.0, 120.0, 1000.0):
+        costs.add(measured.with_defense("eigenguard"), seconds, 850)
+    assert costs.estimate(measured.with_defense("eigenguard"), 60000) == 120.0

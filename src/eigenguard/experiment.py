@@ -343,7 +343,7 @@ def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=No
     loaded = loaded or load_data(config.dataset, data_root)
     key, setup_key = config.key(loaded.fingerprint), config.setup_key(loaded.fingerprint)
     stages: dict[str, float] = {}
-    clock = time.monotonic()
+    clock, processor = time.monotonic(), time.process_time()
     splits = run_splits(config, loaded)
     goal = (f"class {config.target}" if config.label_mode == "all-to-one"
             else "y + 1 (all-to-all)")
@@ -412,6 +412,10 @@ def execute(config: RunConfig, *, loaded: LoadedData | None = None, data_root=No
         metrics += detection_metrics(outcome.flagged, poisoned.is_poisoned)
     metrics += [dict(split="run", protocol="cost", metric=f"seconds.{stage}", value=seconds)
                 for stage, seconds in stages.items()]
+    # the processor time of the whole run, every thread of this process: unlike wall time it does
+    # not grow while the process is paused or waits for a machine busy with other work
+    metrics.append(dict(split="run", protocol="cost", metric="cpu_seconds",
+                        value=time.process_time() - processor))
     extra = dict(data_fingerprint=loaded.fingerprint, poisoned=len(poisoned.poison_indices),
                  flipped_labels=poisoned.flipped_labels, device=device_description(device),
                  split_sizes=dict(train=len(splits.train), validation=len(splits.validation),

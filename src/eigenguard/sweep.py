@@ -78,7 +78,9 @@ def _victim_images(config: RunConfig, available: int) -> float:
 class CostModel:
     """Seconds a run is expected to take, from the wall time of finished runs: of the same kind
     (same data, model, width, training budget; the same defense where one was measured), else
-    scaled from the seconds per training image and epoch of the same data, model and width."""
+    scaled from the seconds per training image and epoch of the same data, model and width.
+    Medians, not means: a run slowed by other work on the machine, or paused, must not set the
+    estimate of every run like it."""
 
     def __init__(self, runs: list[StoredRun]):
         self.measured: dict[tuple, list[float]] = {}
@@ -104,12 +106,12 @@ class CostModel:
     def estimate(self, config: RunConfig, available: int | None = None) -> float | None:
         for key in ((*_kind(config), config.defense), _kind(config)):
             if key in self.measured:
-                return statistics.mean(self.measured[key])
+                return statistics.median(self.measured[key])
         if available:
             for key in ((config.dataset, config.model, config.width, config.defense),
                         (config.dataset, config.model, config.width)):
                 if key in self.rates:
-                    return (statistics.mean(self.rates[key]) * config.train.epochs
+                    return (statistics.median(self.rates[key]) * config.train.epochs
                             * _victim_images(config, available))
         return None
 
