@@ -112,7 +112,8 @@ def test_bad_settings_and_inputs_are_named():
     for settings, word in [({"classes": 2}, "classes"), ({"pool": 0}, "pool"),
                            ({"momentum": 0}, "momentum"), ({"threshold": math.nan}, "threshold"),
                            ({"warmup": -1}, "warmup"), ({"patience": 0}, "patience"),
-                           ({"margin": 0.9}, "margin"), ({"statistic": "kurtosis"}, "statistic")]:
+                           ({"margin": 0.9}, "margin"), ({"statistic": "kurtosis"}, "statistic"),
+                           ({"row_margin": 0}, "row_margin"), ({"row_margin": 1.5}, "row_margin")]:
         with pytest.raises(ValueError, match=word):
             LabelSieve(**{"classes": CLASSES, **settings})
     layer = LabelSieve(CLASSES).train()
@@ -226,8 +227,29 @@ def test_the_statistic_setting_keeps_stored_sieve_runs_keys():
     # computed with the code before it (RunConfig with the fingerprint "fixed-fingerprint").
     default = RunConfig(defense="sieve")
     assert default.key("fixed-fingerprint") == "5353a4ca885f76da"
-    assert "statistic" not in default.resolved()["defense_settings"]
+    assert not {"statistic", "row_margin"} & set(default.resolved()["defense_settings"])
     spread = RunConfig(defense="sieve", defense_settings={"statistic": "spread"})
     assert spread.resolved()["defense_settings"]["statistic"] == "spread"
     assert spread.key("d") != default.key("d")
     assert RunConfig.from_dict(spread.resolved()).key("d") == spread.key("d")
+
+
+def test_a_row_margin_flags_fewer_rows_of_the_suspect_label():
+    """Rows of the suspect label that lie between its clean side and another label (planted:
+    clean class-0 rows moved 55% of the way to class 1's centre) are flagged at row_margin 1 and
+    mostly kept at 0.5; the poison, far nearer other labels, is flagged either way."""
+    def with_borderline_rows(steps):
+        g = torch.Generator().manual_seed(5)
+        centres = torch.randn(CLASSES, WIDTH, generator=torch.Generator().manual_seed(0)) * 3
+        for x, y, poisoned in planted_batches(steps):
+            borderline = (y == 0) & ~poisoned & (torch.rand(len(y), generator=g) < 0.3)
+            flat = x.view(len(y), WIDTH)
+            flat[borderline] += 0.55 * (centres[1] - centres[0])
+            yield flat.view_as(x), y, poisoned
+    counts = {}
+    for row_margin in (1.0, 0.5):
+        layer = LabelSieve(CLASSES, pool=1, warmup=20, row_margin=row_margin)
+        counts[row_margin] = run_layer(layer, with_borderline_rows(200))
+    (tp1, poisoned, fp1, clean), (tp2, _, fp2, _) = counts[1.0], counts[0.5]
+    assert tp1 == tp2 == poisoned  # measured: every poisoned row, either way
+    assert fp1 > 400 and fp2 < fp1 / 5  # measured 562 and 52 (of 18,727 clean rows)

@@ -65,8 +65,13 @@ class LabelSieve(nn.Module):
 
     def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.05,
                  threshold: float = 0.6, margin: float = 1.2, warmup: int = 10,
-                 patience: int = 10, statistic: str = "mixing"):
+                 patience: int = 10, statistic: str = "mixing", row_margin: float = 1.0):
         super().__init__()
+        if not (isinstance(row_margin, (int, float)) and 0 < row_margin <= 1):
+            raise ValueError(f"row_margin must be in (0, 1] (a row of the suspect label is flagged "
+                             f"when its distance to another label's mean is below row_margin "
+                             f"times its distance to the label's clean side), got "
+                             f"{row_margin!r}")
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {', '.join(STATISTICS)} (what scores a "
                              f"side of a label's cut), got {statistic!r}")
@@ -95,13 +100,15 @@ class LabelSieve(nn.Module):
         self.classes, self.pool, self.momentum = classes, pool, float(momentum)
         self.threshold, self.warmup, self.patience = float(threshold), warmup, patience
         self.margin, self.statistic = float(margin), statistic
+        self.row_margin = float(row_margin)
         self.labels: torch.Tensor | None = None
         self.reset()
 
     def settings(self) -> dict:
         return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
                     threshold=self.threshold, margin=self.margin, warmup=self.warmup,
-                    patience=self.patience, statistic=self.statistic)
+                    patience=self.patience, statistic=self.statistic,
+                    row_margin=self.row_margin)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -348,7 +355,8 @@ class LabelSieve(nn.Module):
                      sides: torch.Tensor) -> torch.Tensor:
         """The rows of the flagged labels that are nearer another label's running mean than
         their own label's clean side (the side not flagged): other classes' content under the
-        label. The cut along the top direction names the label and its clean side; the rows
+        label. Squared distances; ``row_margin`` < 1 asks a row to be that much nearer (fewer
+        clean rows of the label flagged, fewer poisoned ones too). The cut along the top direction names the label and its clean side; the rows
         are then judged one by one, which a cut alone mixes up where the two groups overlap."""
         state = self._state
         suspect = sides[labels] >= 0
@@ -362,7 +370,7 @@ class LabelSieve(nn.Module):
         to_labels = torch.cdist(chosen, state["mean"]) ** 2  # (n, C)
         to_labels[torch.arange(len(own)), own] = math.inf  # the own label's mean holds the poison
         to_labels[:, ~state["seen"]] = math.inf
-        flagged[suspect] = to_labels.min(1).values < to_own
+        flagged[suspect] = to_labels.min(1).values < self.row_margin * to_own
         return flagged
 
     def _filter_output(self, module, inputs, output):
