@@ -114,6 +114,7 @@ def test_undefended_backdoor_works_and_runs_reproduce(tmp_path, synthetic_root):
     stored = store.get_run(first.key)
     assert stored.status == "finished" and len(stored.history) == FAST.epochs
     assert stored.versions["torch"] == torch.__version__ and stored.device.startswith("cpu")
+    assert stored.extra["threads"] == torch.get_num_threads()
     assert stored.checkpoint == f"checkpoints/{first.key}.safetensors"
     # the validation split is evaluated too (for tuning); the detection rows only for detectors
     assert store.evaluations(first.key, split="validation")[0]["n_clean"] == 200
