@@ -106,6 +106,23 @@ def test_the_command_fits_a_fitted_attack_and_shows_several(tmp_path, synthetic_
     assert [line.split(":")[0] for line in printed] == ["wanet", "badnets"]
 
 
+def test_a_variant_gets_its_settings_and_a_file_of_its_own(tmp_path, synthetic_root, capsys):
+    out = tmp_path / "gallery"
+    common = ["--count", "3", "--data-root", str(synthetic_root), "--out", str(out)]
+    assert main(["gallery", "--attack", "wanet", "--set", "attack.s=1.0", *common]) == 0
+    assert main(["gallery", "--attack", "wanet", *common]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["wanet-s1.0.png", "wanet.png"]
+    stronger, default = capsys.readouterr().out.splitlines()
+    # a warp twice as strong moves pixels further: a larger mean L2 change
+    l2 = [float(line.split("mean L2 ")[1].split()[0]) for line in (stronger, default)]
+    assert l2[0] > l2[1] > 0
+    for bad in (["--attack", "wanet", "--attack", "badnets", "--set", "attack.s=1.0"],
+                ["--attack", "wanet", "--set", "attack.nope=1"],
+                ["--attack", "wanet", "--set", "attack.s=-1"]):
+        assert main(["gallery", *bad, *common]) == 2
+    assert "one --attack" in capsys.readouterr().err
+
+
 def test_the_command_refuses_an_unknown_attack(tmp_path, synthetic_root, capsys):
     assert main(["gallery", "--attack", "nope", "--data-root", str(synthetic_root),
                  "--out", str(tmp_path)]) == 2

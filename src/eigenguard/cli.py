@@ -20,7 +20,7 @@ from .defenses.registry import DEFENSES
 from .errors import EigenGuardError
 from .evaluate import PROTOCOLS
 from .experiment import PRESETS, RunConfig, reevaluate, run
-from .settings import coerce, declared_types, parse_assignment
+from .settings import SettingError, coerce, declared_types, parse_assignment
 from .models import list_models
 from .report import (COLUMNS, SUMMARY_COLUMNS, WIDE_COLUMNS, format_table, result_rows,
                      select_runs, summary_rows, wide_rows)
@@ -324,11 +324,20 @@ def cmd_gallery(args) -> int:
     names = list_attacks() if args.all or not args.attack else list(dict.fromkeys(args.attack))
     for name in names:
         get_attack(name)  # an unknown name fails before any data loads
+    settings: dict = {}
+    if args.assignments:
+        if len(names) != 1:
+            raise SettingError("gallery --set changes one attack's settings: name it with one "
+                               f"--attack (got {len(names)} attacks)")
+        for text in args.assignments:
+            _, setting, value = parse_assignment(text, {"attack": get_attack(names[0])})
+            settings[setting] = value
+        get_attack(names[0])(**settings)  # a bad value fails before any data loads
     test = load_dataset(args.dataset, "test", root=args.data_root)
     images = gallery_images(test, args.count)
     train = None
     for name in names:
-        attack = get_attack(name)()
+        attack = get_attack(name)(**settings)
         fitted_on = None
         if attack.needs_fit:
             if train is None:
@@ -337,7 +346,9 @@ def cmd_gallery(args) -> int:
             fitted_on = len(train)
         stats = trigger_stats(test.images, attack.apply(test.images))
         title = f"{describe_attack(name, attack, fitted_on)} on {args.dataset}"
-        path = write_gallery(attack, images, os.path.join(args.out, f"{name}.png"), title,
+        # a variant gets a file of its own: wanet-s1.0.png beside wanet.png
+        stem = "-".join([name, *(f"{key}{value}" for key, value in settings.items())])
+        path = write_gallery(attack, images, os.path.join(args.out, f"{stem}.png"), title,
                              stats=stats)
         print(f"{name}: {format_stats(stats)} -> {path}")
     return 0
@@ -462,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=RunConfig.dataset, choices=list_datasets())
     p.add_argument("--count", type=int, default=8,
                    help="test images shown per row (default 8: one of each class in turn)")
+    p.add_argument("--set", action="append", default=[], metavar="attack.NAME=VALUE",
+                   dest="assignments",
+                   help="a setting of the one --attack shown, e.g. --attack wanet --set "
+                        "attack.s=1.0 (repeatable; the PNG is named wanet-s1.0.png)")
     p.add_argument("--out", default="gallery", help="folder for the PNGs (default ./gallery)")
     p.add_argument("--data-root", default=None, help="folder holding the data set's files")
     p.set_defaults(handler=cmd_gallery)
