@@ -1,12 +1,13 @@
 """A small name -> factory registry shared by attacks and defenses (models keep their own)."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import warnings
 from typing import Callable, Generic, TypeVar
 
-from .errors import UnknownNameError
+from .errors import EigenGuardError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -38,6 +39,17 @@ class Registry(Generic[T]):
 
     def create(self, name: str, **settings) -> T:
         return self.get(name)(**settings)
+
+    def rebuild(self, name: str, settings) -> T | None:
+        """The instance a stored config names, from the settings its class still has (a stored
+        run may hold settings since removed); None where it cannot be built (a name not
+        registered here, a value its class now refuses): tables then show the bare name."""
+        try:
+            factory = self.get(name)
+            known = {f.name for f in dataclasses.fields(factory)}
+            return factory(**{k: v for k, v in dict(settings or {}).items() if k in known})
+        except (EigenGuardError, KeyError, TypeError, ValueError):
+            return None
 
     def names(self, pattern: str | None = None) -> list[str]:
         names = sorted(self._entries)

@@ -1,7 +1,6 @@
 """Tables read back from the result store."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 
@@ -20,14 +19,8 @@ SUMMARY_COLUMNS = ("dataset", "model", "attack", "poison", "defense", "epochs", 
 
 def _defense_label(run: StoredRun) -> str:
     """The defense's own short label for tables (its name where it cannot be rebuilt)."""
-    name = run.config["defense"]
-    settings = dict(run.config.get("defense_settings") or {})
-    try:
-        defense_class = DEFENSES.get(name)
-        known = {f.name for f in dataclasses.fields(defense_class)}
-        return defense_class(**{k: v for k, v in settings.items() if k in known}).label()
-    except (EigenGuardError, KeyError, TypeError, ValueError):
-        return name
+    defense = DEFENSES.rebuild(run.config["defense"], run.config.get("defense_settings"))
+    return defense.label() if defense is not None else run.config["defense"]
 
 
 def _attack_label(run: StoredRun) -> str:

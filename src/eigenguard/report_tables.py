@@ -18,7 +18,6 @@ footnote name it. The undefended column is always read under ``triggered``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -101,13 +100,7 @@ def _run_values(run: StoredRun, evaluations: list[dict]) -> RunValues:
 
 def _defense_instance(run: StoredRun):
     """The run's defense, rebuilt from its stored settings (None where it cannot be)."""
-    try:
-        defense_class = DEFENSES.get(run.config["defense"])
-        known = {f.name for f in dataclasses.fields(defense_class)}
-        settings = dict(run.config.get("defense_settings") or {})
-        return defense_class(**{k: v for k, v in settings.items() if k in known})
-    except (EigenGuardError, KeyError, TypeError, ValueError):
-        return None
+    return DEFENSES.rebuild(run.config["defense"], run.config.get("defense_settings"))
 
 
 def _attack_instance(run: StoredRun):
