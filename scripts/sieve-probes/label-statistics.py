@@ -1,0 +1,78 @@
+"""Probe per-label statistics on layer-N features of stored epoch checkpoints."""
+import sys, math, torch
+from eigenguard.store import ResultStore
+from eigenguard.experiment import RunConfig, load_run_attack, load_run_splits, poison_training_set, build_model
+from eigenguard.analysis.capture import capture_features
+from eigenguard.analysis.signatures import top_direction, two_means_split
+store = ResultStore("results/results.sqlite")
+prefix, point = sys.argv[1], sys.argv[2]
+epochs = [int(e) for e in sys.argv[3].split(",")]
+n = int(sys.argv[4]) if len(sys.argv) > 4 else 3000
+run = store.find_runs(prefix)[0]
+config = RunConfig.from_dict(run.config)
+splits = load_run_splits(run, None)[1]
+attack = load_run_attack(store, run)
+poisoned = poison_training_set(attack, config, splits.train)
+g = torch.Generator().manual_seed(0)
+idx = torch.randperm(len(poisoned.data), generator=g)[:n]
+images = poisoned.data.images[idx]; labels = poisoned.data.labels[idx]; bad = poisoned.is_poisoned[idx]
+kept = run.extra["epoch_checkpoints"]
+defense = config.build_defense()
+print(config.attack, config.defense, "poison label rows", int((labels==config.target).sum()), "poisoned", int(bad.sum()))
+for epoch, path in zip(kept["epochs"], kept["files"]):
+    if epoch not in epochs: continue
+    model = defense.prepare_model(build_model(config, splits.train))
+    model.load_state_dict(store.read_tensors(path, "x", run.key))
+    points = {point: (getattr(model, point), "out")}
+    f = capture_features(model, images, splits.train, points=points)[point].double()
+    C = 10
+    means = torch.stack([f[labels == c].mean(0) for c in range(C)])
+    out = []
+    for c in range(C):
+        rows = f[labels == c]
+        coord, ratio = top_direction(rows)
+        up = two_means_split(coord)
+        a, b = coord[up], coord[~up]
+        within = (((a - a.mean())**2).sum() + ((b - b.mean())**2).sum()) / len(coord)
+        between = coord.var(unbiased=False) - within
+        bimod = float(between / within)
+        frac = min(float(up.float().mean()), 1 - float(up.float().mean()))
+        # kurtosis along top direction
+        z = (coord - coord.mean()) / coord.std()
+        kurt = float((z**4).mean())
+        # nearest-other-label assignment of each side's residual-free rows: fraction of rows nearer
+        # another label's mean than own label mean
+        others = torch.cdist(rows, means); own = others[:, c].clone(); others[:, c] = math.inf
+        foreign = float((others.min(1).values < own).float().mean())
+        # the separating gap in within-sd units
+        gap = float((a.mean() - b.mean()).abs() / within.sqrt())
+        from eigenguard.analysis.spectrum import effective_rank
+        ea, eb = (a.numel() and ((rows[up]-rows[up].mean(0))**2).sum(1).mean()), ((rows[~up]-rows[~up].mean(0))**2).sum(1).mean()
+        era, erb = effective_rank(rows[up].float()-rows[up].float().mean(0)), effective_rank(rows[~up].float()-rows[~up].float().mean(0))
+        eratio = float(max(ea, eb) / min(ea, eb)); rr = max(era, erb) / min(era, erb)
+        _, _, vt = torch.linalg.svd(rows - rows.mean(0), full_matrices=False); v = vt[0]
+        ov = [float(((f[labels == o] - f[labels == o].mean(0)) @ v).var()) for o in range(C) if o != c]
+        nov = float(((rows - rows.mean(0)) @ v).var()) / (sum(ov) / len(ov))
+        erall = effective_rank(rows.float() - rows.float().mean(0))
+        ents = []
+        for sidemask in (up, ~up):
+            sub = rows[sidemask] - rows[sidemask].mean(0) + f.mean(0)
+            dd = torch.cdist(sub, means); dd[:, c] = math.inf
+            p = torch.bincount(dd.argmin(1), minlength=C).double() / len(sub)
+            ents.append(float(math.exp(-(p[p > 0] * p[p > 0].log()).sum())))
+        acc = f" er {era:.0f}/{erb:.0f} all {erall:.0f} ENT {ents[0]:.1f}/{ents[1]:.1f}"
+        P = torch.randn(f.shape[1], 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / 16
+        pr = (rows - rows.mean(0)) @ P
+        acc += f" prj {effective_rank(pr.float()):.0f}"
+        if c == config.target:
+            ins = bad[labels == c]
+            agree = float((up == ins).double().mean()); acc += f" split {max(agree,1-agree):.3f}"
+            acc += f" poison-up {float(ins[up].float().mean()):.2f} poison-down {float(ins[~up].float().mean()):.2f}"
+            for cs in (up, ~up):
+                cm = rows[cs].mean(0)
+                to_own = ((rows - cm) ** 2).sum(1)
+                dd = torch.cdist(rows, means) ** 2; dd[:, c] = math.inf
+                fl = dd.min(1).values < to_own
+                acc += f" | clean={'up' if cs is up else 'down'}: TPR {float(fl[ins].float().mean()):.2f} FPR {float(fl[~ins].float().mean()):.2f}"
+        out.append(f"{c}: r {ratio:.1f} bim {bimod:.2f} gap {gap:.2f} kurt {kurt:.2f} min {frac:.2f} foreign {foreign:.2f}{acc}")
+    print(f"epoch {epoch} {point}"); print("\n".join(out))
