@@ -1,28 +1,28 @@
-"""Probe per-label statistics on layer-N features of stored epoch checkpoints."""
-import sys, math, torch
-from eigenguard.store import ResultStore
-from eigenguard.experiment import RunConfig, load_run_attack, load_run_splits, poison_training_set, build_model
+"""Offline probe behind docs/SIEVE.md: per-label statistics of a stored run's training features
+at one stage, from its epoch checkpoints (`eigenguard analyze RUN --save-every 1` keeps them).
+
+For each label: the top-to-second energy ratio (r), the two-means cut along its top direction
+(bimodality, gap in within-side sd, kurtosis, minority share), the share of rows nearer another
+label's mean (foreign), each side's effective rank (er), the label's (all, and on a 256-dim random
+projection: prj), and the spread statistic (ENT: the effective number of other labels nearest
+each side's rows once the side's mean is taken away); for the target label, the cut's accuracy
+and the row rule's TPR / FPR with either side taken as the clean one. The harness's ground truth
+(which rows are poisoned) only scores.
+
+    PYTHONPATH=src .venv/bin/python scripts/sieve-probes/label-statistics.py 201451d5 layer2 1 2000
+"""
+import math
+import torch
 from eigenguard.analysis.capture import capture_features
 from eigenguard.analysis.signatures import top_direction, two_means_split
-store = ResultStore("results/results.sqlite")
-prefix, point = sys.argv[1], sys.argv[2]
-epochs = [int(e) for e in sys.argv[3].split(",")]
-n = int(sys.argv[4]) if len(sys.argv) > 4 else 3000
-run = store.find_runs(prefix)[0]
-config = RunConfig.from_dict(run.config)
-splits = load_run_splits(run, None)[1]
-attack = load_run_attack(store, run)
-poisoned = poison_training_set(attack, config, splits.train)
-g = torch.Generator().manual_seed(0)
-idx = torch.randperm(len(poisoned.data), generator=g)[:n]
-images = poisoned.data.images[idx]; labels = poisoned.data.labels[idx]; bad = poisoned.is_poisoned[idx]
-kept = run.extra["epoch_checkpoints"]
-defense = config.build_defense()
+
+from probe_data import load_from_arguments
+
+data = load_from_arguments()
+config, splits = data.config, data.splits
+point, images, labels, bad = data.stage, data.images, data.labels, data.bad
 print(config.attack, config.defense, "poison label rows", int((labels==config.target).sum()), "poisoned", int(bad.sum()))
-for epoch, path in zip(kept["epochs"], kept["files"]):
-    if epoch not in epochs: continue
-    model = defense.prepare_model(build_model(config, splits.train))
-    model.load_state_dict(store.read_tensors(path, "x", run.key))
+for epoch, model in data.models():
     points = {point: (getattr(model, point), "out")}
     f = capture_features(model, images, splits.train, points=points)[point].double()
     C = 10

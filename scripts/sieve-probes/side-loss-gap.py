@@ -1,30 +1,25 @@
-import sys, math, torch
+"""Offline probe behind docs/SIEVE.md: per label, the mean training loss on each side of the
+two-means cut along the label's top direction at one stage, and their difference in pooled
+standard deviations, per epoch checkpoint of a stored run.
+
+    PYTHONPATH=src .venv/bin/python scripts/sieve-probes/side-loss-gap.py 201451d5 layer2 1 3000
+"""
+import math
+import torch
 import torch.nn.functional as F
-from eigenguard.store import ResultStore
-from eigenguard.experiment import RunConfig, load_run_attack, load_run_splits, poison_training_set, build_model
 from eigenguard.analysis.signatures import top_direction, two_means_split
 from eigenguard.train import model_input
-store = ResultStore("results/results.sqlite")
-prefix, point = sys.argv[1], sys.argv[2]
-epochs = [int(e) for e in sys.argv[3].split(",")]
-n = int(sys.argv[4])
-run = store.find_runs(prefix)[0]
-config = RunConfig.from_dict(run.config)
-splits = load_run_splits(run, None)[1]
-attack = load_run_attack(store, run)
-poisoned = poison_training_set(attack, config, splits.train)
-idx = torch.randperm(len(poisoned.data), generator=torch.Generator().manual_seed(0))[:n]
-images = poisoned.data.images[idx]; labels = poisoned.data.labels[idx]; bad = poisoned.is_poisoned[idx]
-kept = run.extra["epoch_checkpoints"]
-defense = config.build_defense()
-for epoch, path in zip(kept["epochs"], kept["files"]):
-    if epoch not in epochs: continue
-    model = defense.prepare_model(build_model(config, splits.train))
-    model.load_state_dict(store.read_tensors(path, "x", run.key)); model.eval()
+
+from probe_data import load_from_arguments
+
+data = load_from_arguments()
+config, splits = data.config, data.splits
+point, images, labels, bad = data.stage, data.images, data.labels, data.bad
+for epoch, model in data.models():
     feats, logits = [], []
     h = getattr(model, point).register_forward_hook(lambda m, a, o: feats.append(o.flatten(1).double()))
     with torch.no_grad():
-        for s in range(0, n, 256):
+        for s in range(0, len(images), 256):
             logits.append(model(model_input(images[s:s+256], splits.train)))
     h.remove()
     f = torch.cat(feats); lg = torch.cat(logits)

@@ -1,0 +1,48 @@
+"""What every probe here loads: a stored run's poisoned training samples (a seeded draw of ``n``)
+and its model at each kept epoch. Usage of the probes: ``RUN STAGE EPOCHS N`` (EPOCHS
+comma-separated), store ``results/results.sqlite``."""
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from eigenguard.experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
+                                   poison_training_set)
+from eigenguard.store import ResultStore
+
+
+@dataclass
+class ProbeData:
+    store: ResultStore
+    run: object
+    config: RunConfig
+    splits: object
+    stage: str
+    epochs: list[int]
+    images: torch.Tensor
+    labels: torch.Tensor  # as trained on
+    bad: torch.Tensor  # poisoned rows (harness ground truth, for scoring only)
+
+    def models(self):
+        """(epoch, model) for each requested kept epoch, the model in eval mode."""
+        kept = self.run.extra["epoch_checkpoints"]
+        defense = self.config.build_defense()
+        for epoch, path in zip(kept["epochs"], kept["files"]):
+            if epoch in self.epochs:
+                model = defense.prepare_model(build_model(self.config, self.splits.train))
+                model.load_state_dict(self.store.read_tensors(path, "epoch checkpoint",
+                                                              self.run.key))
+                yield epoch, model.eval()
+
+
+def load_from_arguments() -> ProbeData:
+    prefix, stage, epochs, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    store = ResultStore("results/results.sqlite")
+    run = store.find_runs(prefix)[0]
+    config = RunConfig.from_dict(run.config)
+    splits = load_run_splits(run, None)[1]
+    poisoned = poison_training_set(load_run_attack(store, run), config, splits.train)
+    chosen = torch.randperm(len(poisoned.data), generator=torch.Generator().manual_seed(0))[:n]
+    return ProbeData(store, run, config, splits, stage, [int(e) for e in epochs.split(",")],
+                     poisoned.data.images[chosen], poisoned.data.labels[chosen],
+                     poisoned.is_poisoned[chosen])
