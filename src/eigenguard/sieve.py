@@ -234,8 +234,9 @@ class LabelSieve(nn.Module):
                 self._blend("side_total", (label, which), (centred ** 2).sum(1).mean(), seen)
                 self._blend("side_between", (label, which),
                             ((centred @ basis.T) ** 2).sum(1).mean(), seen)
-                self._blend("side_nearest", (label, which), self.nearest_others(centred, label),
-                            seen)
+                if self.statistic == "spread":  # a distance per row and label: only when used
+                    self._blend("side_nearest", (label, which),
+                                self.nearest_others(centred, label), seen)
                 state["side_seen"][label, which] = True
         return side
 
@@ -356,7 +357,8 @@ class LabelSieve(nn.Module):
         """The rows of the flagged labels that are nearer another label's running mean than
         their own label's clean side (the side not flagged): other classes' content under the
         label. Squared distances; ``row_margin`` < 1 asks a row to be that much nearer (fewer
-        clean rows of the label flagged, fewer poisoned ones too). The cut along the top direction names the label and its clean side; the rows
+        clean rows of the label flagged, fewer poisoned ones too). The cut along the top
+        direction names the label and its clean side; the rows
         are then judged one by one, which a cut alone mixes up where the two groups overlap."""
         state = self._state
         suspect = sides[labels] >= 0
