@@ -52,7 +52,11 @@ def probe(store: ResultStore, prefix: str) -> None:
     print("  trigger on the poisoned training images:",
           residual_statistics(splits.train.images[rows], poisoned.data.images[rows]))
     fitted = predictions(model, poisoned.data.images[rows], splits.train) == target
-    print(f"  poisoned training images classified as the target (memorised): {share(fitted)}")
+    if bool((poisoned.original_labels[rows] == target).all()):
+        print(f"  poisoned training images classified as the target: {share(fitted)} (clean "
+              "label: that is their own class, so this says nothing about the trigger)")
+    else:
+        print(f"  poisoned training images classified as the target (memorised): {share(fitted)}")
     validation = splits.validation
     others = validation.labels != target
     images, labels = validation.images[others], validation.labels[others]
