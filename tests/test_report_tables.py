@@ -10,10 +10,10 @@ EG8 = "eigenguard(k=8)"
 
 def add_run(store, key, *, defense="none", seed=0, attack="badnets", ratio=0.1, k=32,
             evaluations=None, split="test", history=(), commit="abcdef0123456789",
-            wall_seconds=1.0):
+            wall_seconds=1.0, attack_settings=None):
     """A finished run; ``evaluations``: {protocol: (acc, asr, ra)} as fractions."""
     config = {"dataset": "fashion-mnist", "model": "preact_resnet18", "width": 16,
-              "attack": attack, "attack_settings": {}, "poison_ratio": ratio, "seed": seed,
+              "attack": attack, "attack_settings": attack_settings or {}, "poison_ratio": ratio, "seed": seed,
               "target": 0, "train": {"epochs": 4}, "train_size": None, "defense": defense,
               "defense_settings": {} if defense == "none" else {"k": k}}
     token = store.claim(key, f"{attack}-{ratio}-{seed}", config, {}, commit, "cpu").token
@@ -206,3 +206,23 @@ def test_runs_below_their_papers_budget_are_marked_and_named(store):
             "dbd: ssl_epochs 8 (paper 100), semi_epochs 4 (paper 190)") in note
     assert "fp" not in note and "badnets" not in note
     assert "| No defense | dbd° | fp |" in format_source_markdown([table])
+
+
+def test_variants_of_one_attack_are_labelled_by_the_settings_that_differ_from_its_defaults(store):
+    """One run stores every WaNet setting at its default, another none: the same variant, one
+    row named by its defaults; the s = 1.0 run is a second row, named by that setting alone."""
+    from eigenguard.attacks import create_attack
+    from eigenguard.settings import changed_settings
+    import dataclasses
+    every = {f.name: getattr(create_attack("wanet"), f.name)
+             for f in dataclasses.fields(create_attack("wanet"))}
+    assert not changed_settings(create_attack("wanet", **every))
+    add_run(store, "a", attack="wanet", attack_settings=every,
+            evaluations={"triggered": (0.80, 0.30, 0.5)})
+    add_run(store, "b", attack="wanet", seed=1, evaluations={"triggered": (0.82, 0.40, 0.5)})
+    add_run(store, "c", attack="wanet", attack_settings={"s": 1.0},
+            evaluations={"triggered": (0.84, 0.97, 0.0)})
+    [table] = source_tables(store, None)
+    assert sorted({r.attack for r in table.rows}) == ["wanet", "wanet(s=1.0)"]
+    assert texts(table, "wanet", "ASR") == ["35.00 ± 7.07 (n=2)"]
+    assert texts(table, "wanet(s=1.0)", "ASR") == ["97.00 (n=1)"]

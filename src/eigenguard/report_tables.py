@@ -23,6 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from .attacks import create_attack
+from .attacks.registry import attack_label
 from .budgets import REDUCED_MARK, reduced_note, reduced_text
 from .defenses.registry import DEFENSES
 from .errors import EigenGuardError
@@ -311,14 +312,12 @@ def _sort_value(value) -> tuple:
 
 
 def _attack_name(config: dict, variants: dict[str, set[str]]) -> str:
-    """The attack's name, with its settings where the table holds several variants of it."""
+    """The attack's name, with the settings that differ from its defaults where the table holds
+    several variants of it (``wanet(s=1.0)`` beside ``wanet``): a stored run may list every
+    setting or none, so variants are told apart by their labels, not their stored dicts."""
     name = str(config.get("attack"))
-    if len(variants.get(name, ())) <= 1:
-        return name
-    settings = config.get("attack_settings") or {}
-    if isinstance(settings, list):
-        settings = dict(settings)
-    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(settings.items()))})"
+    label = attack_label(name, config.get("attack_settings"))
+    return label if len(variants.get(name, ())) > 1 else name
 
 
 def _mark_best(row: Row, columns: list[Column]) -> None:
@@ -395,7 +394,7 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
     variants: dict[str, set[str]] = {}
     for run in runs:
         variants.setdefault(str(run.config.get("attack")), set()).add(
-            json.dumps(run.config.get("attack_settings"), sort_keys=True, default=str))
+            attack_label(run.config.get("attack"), run.config.get("attack_settings")))
     labels: list[str] = []
     defense_of: dict[str, str] = {}
     attacks: list[str] = []
