@@ -1,7 +1,11 @@
 """The source-layout tables from a synthetic store: numbers checked by hand, marks, protocols."""
+import dataclasses
+
 import pytest
 
+from eigenguard.attacks import create_attack
 from eigenguard.report_tables import (TUNING_NOTE, format_source_markdown, source_tables)
+from eigenguard.settings import changed_settings
 from eigenguard.store import ResultStore
 
 EG = "eigenguard(k=32)"
@@ -13,7 +17,8 @@ def add_run(store, key, *, defense="none", seed=0, attack="badnets", ratio=0.1, 
             wall_seconds=1.0, attack_settings=None):
     """A finished run; ``evaluations``: {protocol: (acc, asr, ra)} as fractions."""
     config = {"dataset": "fashion-mnist", "model": "preact_resnet18", "width": 16,
-              "attack": attack, "attack_settings": attack_settings or {}, "poison_ratio": ratio, "seed": seed,
+              "attack": attack, "attack_settings": attack_settings or {}, "poison_ratio": ratio,
+              "seed": seed,
               "target": 0, "train": {"epochs": 4}, "train_size": None, "defense": defense,
               "defense_settings": {} if defense == "none" else {"k": k}}
     token = store.claim(key, f"{attack}-{ratio}-{seed}", config, {}, commit, "cpu").token
@@ -211,9 +216,6 @@ def test_runs_below_their_papers_budget_are_marked_and_named(store):
 def test_variants_of_one_attack_are_labelled_by_the_settings_that_differ_from_its_defaults(store):
     """One run stores every WaNet setting at its default, another none: the same variant, one
     row named by its defaults; the s = 1.0 run is a second row, named by that setting alone."""
-    from eigenguard.attacks import create_attack
-    from eigenguard.settings import changed_settings
-    import dataclasses
     every = {f.name: getattr(create_attack("wanet"), f.name)
              for f in dataclasses.fields(create_attack("wanet"))}
     assert not changed_settings(create_attack("wanet", **every))

@@ -311,13 +311,18 @@ def _sort_value(value) -> tuple:
     return (2, 0, str(value))
 
 
-def _attack_name(config: dict, variants: dict[str, set[str]]) -> str:
-    """The attack's name, with the settings that differ from its defaults where the table holds
-    several variants of it (``wanet(s=1.0)`` beside ``wanet``): a stored run may list every
-    setting or none, so variants are told apart by their labels, not their stored dicts."""
-    name = str(config.get("attack"))
-    label = attack_label(name, config.get("attack_settings"))
-    return label if len(variants.get(name, ())) > 1 else name
+def _attack_names(runs: list[StoredRun]) -> dict[str, str]:
+    """Each run's attack as a table row names it: the attack's name, with the settings that
+    differ from its defaults where the table holds several variants of it (``wanet(s=1.0)``
+    beside ``wanet``). A stored run may list every setting or none, so variants are told apart
+    by their labels, not their stored dicts."""
+    labels = {run.key: attack_label(run.config.get("attack"), run.config.get("attack_settings"))
+              for run in runs}
+    variants: dict[str, set[str]] = {}
+    for run in runs:
+        variants.setdefault(str(run.config.get("attack")), set()).add(labels[run.key])
+    return {run.key: labels[run.key] if len(variants[str(run.config.get("attack"))]) > 1
+            else str(run.config.get("attack")) for run in runs}
 
 
 def _mark_best(row: Row, columns: list[Column]) -> None:
@@ -391,10 +396,7 @@ def _references(store: ResultStore, evaluations_of: dict[str, list[dict]]) -> di
 
 def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_attacks, protocol,
            extra: str) -> Table:
-    variants: dict[str, set[str]] = {}
-    for run in runs:
-        variants.setdefault(str(run.config.get("attack")), set()).add(
-            attack_label(run.config.get("attack"), run.config.get("attack_settings")))
+    attack_names = _attack_names(runs)
     labels: list[str] = []
     defense_of: dict[str, str] = {}
     attacks: list[str] = []
@@ -408,7 +410,7 @@ def _table(runs: list[StoredRun], evaluations_of, references, split, tuning_atta
             labels.append(label)
             if note := _reduced(_defense_instance(run), label):
                 reduced[label] = note
-        attack = _attack_name(run.config, variants)
+        attack = attack_names[run.key]
         if attack not in attacks:
             attacks.append(attack)
             if note := _reduced(_attack_instance(run), attack):
