@@ -21,6 +21,7 @@ from eigenguard.seeding import generator, stream_seed
 from eigenguard.splits import load_data
 from eigenguard.store import ResultStore
 from eigenguard.train import TrainConfig
+from eigenguard.transfer import export_runs, import_runs
 
 # no augmentation: the synthetic classes are stripe orientations, which a flip would swap
 FAST = TrainConfig(epochs=4, batch_size=32, lr=0.1, augment=False)
@@ -201,6 +202,29 @@ def test_post_training_defense_trains_the_missing_backdoored_model_once(tmp_path
                    progress=False)
     defenses = sorted(run.config["defense"] for run in store.runs_of_setup(repaired.setup_key))
     assert defenses == ["example-finetune", "none"]
+
+
+def test_post_training_defense_retrains_an_imported_backdoored_model(tmp_path, synthetic_root):
+    # a store rebuilt from an export holds the undefended run's metrics but not its weights:
+    # the repair trains that model again (deterministic: same metrics) instead of failing
+    source = ResultStore(tmp_path / "source.sqlite")
+    undefended = run(config(), source, data_root=synthetic_root, progress=False)
+    export_runs(source, tmp_path / "runs.jsonl")
+    store = ResultStore(tmp_path / "imported.sqlite")
+    import_runs(store, [tmp_path / "runs.jsonl"])
+    assert store.get_run(undefended.key).checkpoint is None
+    lines = []
+    repaired = run(config(defense="example-finetune"), store, data_root=synthetic_root,
+                   progress=False, log=lines.append)
+    assert store.get_run(repaired.key).status == "finished"
+    retrained = store.get_run(undefended.key)
+    assert store.resolve(retrained.checkpoint).is_file()
+    assert any("training it again for its weights" in line for line in lines)
+    def scores(held):
+        return {(m["split"], m["protocol"], m["metric"]): m["value"]
+                for m in held.metrics(undefended.key) if m["metric"] in ("acc", "asr")}
+
+    assert len(scores(source)) >= 4 and scores(store) == pytest.approx(scores(source), abs=1e-6)
 
 
 def test_a_fitted_attack_state_is_saved_and_used_again(tmp_path, synthetic_root):

@@ -19,6 +19,7 @@ from eigenguard.grid import grid_from_dict
 from eigenguard.store import ResultStore
 from eigenguard.sweep import plan, sweep
 from eigenguard.sweep_ray import Heartbeats, RayExecutor, schedule
+from eigenguard.transfer import export_runs, import_runs
 
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS.parent / "benchmarks" / "grids" / "tiny.yaml"
@@ -197,6 +198,36 @@ def test_a_post_training_defense_trains_the_undefended_model_once(tmp_path, synt
                     log=quiet)
     assert summary.finished == 1 and [given for _, given in executor.submissions] == [True]
     assert store.get_run(undefended.key).started == undefended.started  # not trained again
+
+
+def test_an_imported_undefended_run_is_trained_again_for_its_weights(tmp_path, synthetic_root,
+                                                                      local_ray):
+    # a store rebuilt from an export has the undefended run's metrics but no checkpoint: the
+    # executor trains it again (same key) and hands the new weights to the defense
+    undefended_only = tiny(seeds=[0], attacks=["badnets"], defenses=["none"])
+    source = ResultStore(tmp_path / "source.sqlite")
+    in_process(undefended_only, source, synthetic_root)
+    export_runs(source, tmp_path / "runs.jsonl")
+    store = ResultStore(tmp_path / "imported.sqlite")
+    import_runs(store, [tmp_path / "runs.jsonl"])
+    (imported,) = store.find_runs()
+    assert imported.checkpoint is None
+    grid = tiny(seeds=[0], attacks=["badnets"], defenses=["example-finetune"])
+    executor = RayExecutor(cpus_per_run=1, runtime_env=SHIP_TESTS)
+    summary = sweep(grid, store, executor=executor, data_root=synthetic_root, progress=False,
+                    log=quiet)
+    assert (summary.finished, summary.failed) == (1, [])
+    assert executor.submissions[0] == (imported.key, False)  # trained again, first
+    retrained = store.get_run(imported.key)
+    assert retrained.status == "finished" and store.resolve(retrained.checkpoint).is_file()
+    assert contents(store)[1] == pytest.approx(contents(reference_store(
+        grid, tmp_path, synthetic_root))[1], abs=1e-6)
+
+
+def reference_store(grid, tmp_path, root):
+    store = ResultStore(tmp_path / "in-process-reference.sqlite")
+    in_process(grid, store, root)
+    return store
 
 
 def test_post_training_runs_wait_for_the_undefended_run_another_process_trains(

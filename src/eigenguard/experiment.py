@@ -480,6 +480,16 @@ def missing_epoch_checkpoints(store: ResultStore, run: StoredRun, every: int | N
     return None
 
 
+def missing_checkpoint(store: ResultStore, run: StoredRun) -> str | None:
+    """Why a stored run's final weights are not in this store (None: they are). A run imported
+    from a JSONL export has its metrics but no weights."""
+    if not run.checkpoint:
+        return "its checkpoint is not in this store (an imported run has none)"
+    if not store.resolve(run.checkpoint).is_file():
+        return f"its checkpoint file {run.checkpoint} is missing"
+    return None
+
+
 def stored_result(store: ResultStore, run: StoredRun, config: RunConfig) -> RunResult:
     return RunResult(run.key, run.setup_key or "", config, run.status, store.metrics(run.key),
                      run.history, run.wall_seconds or 0.0, error=run.error, extra=run.extra,
@@ -489,7 +499,7 @@ def stored_result(store: ResultStore, run: StoredRun, config: RunConfig) -> RunR
 def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root=None,
         force: bool = False, progress: bool = True, log=print, poll_seconds: float = 5.0,
         loaded: LoadedData | None = None, protocols=None,
-        save_every: int | None = None) -> RunResult:
+        save_every: int | None = None, need_checkpoint: bool = False) -> RunResult:
     """Run one config and record it, or return its stored result if it has finished before.
 
     The key is claimed first: if another live process holds it, this one waits for its result
@@ -497,6 +507,8 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
     the stored run, its metrics and files, and runs it again. ``save_every``: also keep the
     model's weights every that many epochs (:func:`execute`); a finished run that lacks them, or
     kept them at another interval, is trained again (same key, same metrics) and replaced.
+    ``need_checkpoint``: a finished run whose final weights are not in the store (imported from
+    an export, or its file deleted) is trained again the same way.
     """
     config.validate()  # every setting checked before the data loads
     if save_every is not None:
@@ -509,10 +521,13 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
                             device_description(device), force=force)
         if claim.state == "finished":
             missing = missing_epoch_checkpoints(store, claim.run, save_every)
+            wanted = f"to keep its weights every {save_every} epochs"
+            if missing is None and need_checkpoint:
+                missing, wanted = missing_checkpoint(store, claim.run), "for its weights"
             if missing is None:
                 return stored_result(store, claim.run, config)
-            log(f"[{key[:8]}] training it again to keep its weights every {save_every} epochs "
-                f"({missing}); training is deterministic, so its metrics stay the same")
+            log(f"[{key[:8]}] training it again {wanted} ({missing}); training is "
+                "deterministic, so its metrics stay the same")
             force = True
             continue
         if claim.state == "claimed":
@@ -528,7 +543,8 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
             backdoored_state = None
             if config.build_defense().starts_from == "backdoored":
                 reference = run(config.with_defense("none"), store, device=device,
-                                progress=progress, log=log, loaded=loaded)
+                                progress=progress, log=log, loaded=loaded,
+                                need_checkpoint=True)
                 backdoored_state = load_checkpoint(store, store.get_run(reference.key))
             result = execute(config, loaded=loaded, device=device, progress=progress, log=log,
                              on_epoch=lambda history: store.update_history(key, token, history),

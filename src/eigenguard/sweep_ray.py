@@ -63,7 +63,7 @@ from .attacks.registry import ATTACKS
 from .defenses.registry import DEFENSES
 from .errors import EigenGuardError
 from .experiment import (RunConfig, device_description, execute, git_commit, library_versions,
-                         load_checkpoint, record, reevaluate)
+                         load_checkpoint, missing_checkpoint, record, reevaluate)
 from .models import registry as model_registry
 from .splits import LoadedData
 from .store import HEARTBEAT_SECONDS, ClaimLostError, ResultStore, StoredRun
@@ -108,10 +108,11 @@ def run_task(config: RunConfig, *, data_root, device: str, gpus_per_run: float, 
 
 # -- scheduling: which runs wait for which ----------------------------------------------------
 
-def is_trained(stored: StoredRun | None) -> bool:
-    """A run whose model is in the store (its evaluation may have failed)."""
+def is_trained(store: ResultStore, stored: StoredRun | None) -> bool:
+    """A run whose model is in the store (its evaluation may have failed); a run imported from
+    an export has its metrics but not its weights."""
     return (stored is not None and stored.status in ("finished", "evaluation-failed")
-            and bool(stored.checkpoint))
+            and missing_checkpoint(store, stored) is None)
 
 
 def _reevaluates(item: PlannedRun) -> bool:
@@ -440,8 +441,11 @@ class _Driver:
         self.in_flight.clear()
 
     def _claim(self, item: PlannedRun):
+        # an undefended run waited for is trained again if its weights are not in the store
+        force = item.key in self.plan.references and not is_trained(
+            self.store, self.store.get_run(item.key))
         return self.store.claim(item.key, item.setup_key, item.config.resolved(), self.versions,
-                                self.commit, self.description)
+                                self.commit, self.description, force=force)
 
     def _submit_ready(self) -> None:
         while self.ready and len(self.in_flight) < self.max_in_flight:
@@ -545,7 +549,7 @@ class _Driver:
         if key not in self.plan.after:
             return
         stored = self.store.get_run(key)
-        if is_trained(stored):
+        if is_trained(self.store, stored):
             self.waiting.discard(key)
             state = self.ray.put(load_checkpoint(self.store, stored))  # once per setup
             for item in reversed(self.plan.after.pop(key)):
