@@ -70,6 +70,8 @@ def test_analysis_numbers_are_recorded_and_written(analysed, stored):
         assert name in layer_input
     for name in ("shift_in_top_k", "shift_in_running_top_k", "sample_shift_in_top_k"):
         assert 0.0 <= layer_input[name] <= 1.0 + 1e-9
+    # the shift against the clean spread: the mean shift's energy is at most the per-image one
+    assert 0.0 < layer_input["shift_to_spread"] <= layer_input["sample_shift_to_spread"]
     # the label-conditional signature: the poison's label (the target, 0) and its numbers
     assert layer_input["label_signature.poison_label_ratio"] >= 1.0
     assert layer_input["label_signature.poison_label_has_max_ratio"] in (0.0, 1.0)
@@ -114,13 +116,24 @@ def test_cli_analyze_and_its_errors(stored, analysed, synthetic_root, tmp_path, 
     assert not list((tmp_path / stored_run.key[:8]).glob("tsne-*"))
     assert main(["analyze", "zzzz", "--store", str(store.path)]) == 2
     assert "matches 0 trained runs" in capsys.readouterr().err
-    # a run imported from JSON Lines has no checkpoint here
+    # a run imported from JSON Lines has no checkpoint here: it is trained again first (the
+    # same key and, training being deterministic, the same test metrics)
     export_runs(store, tmp_path / "runs.jsonl", [stored_run])
     bare = ResultStore(tmp_path / "bare.sqlite")
     import_runs(bare, [tmp_path / "runs.jsonl"])
     assert main(["analyze", stored_run.key[:8], "--store", str(bare.path), "--data-root",
-                 str(synthetic_root)]) == 2
-    assert "has no checkpoint" in capsys.readouterr().err
+                 str(synthetic_root), "--out", str(tmp_path / "again"), "--samples", "30",
+                 "--no-tsne"]) == 0
+    assert "training it again for its weights" in capsys.readouterr().out
+    retrained = bare.get_run(stored_run.key)
+    assert bare.resolve(retrained.checkpoint).is_file()
+
+    def test_scores(held):
+        return {(m["protocol"], m["metric"]): m["value"] for m in held.metrics(stored_run.key)
+                if m["split"] == "test" and m["metric"] in ("acc", "asr")}
+
+    assert test_scores(bare) and test_scores(bare) == pytest.approx(test_scores(store),
+                                                                      abs=1e-6)
 
 
 def test_other_data_files_are_refused_with_the_fix(stored, tmp_path):

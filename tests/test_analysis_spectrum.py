@@ -297,6 +297,26 @@ def test_trigger_inside_the_span_reaches_one():
     assert float(estimated["cumulative"][-1]) <= 1 + 1e-12
 
 
+def test_shift_against_the_clean_spread():
+    """Clean rows with independent N(0, σ_j²) coordinates (σ_j = 2 on 4 axes, 0.5 on 60): total
+    variance 4·4 + 60·0.25 = 31. A shift of 0.5 e_1 for all images gives ‖Δ‖² = 0.25, so
+    shift_to_spread 0.25 / 31; with a further per-image ±1 along e_70 (signs alternating, so
+    Δ is unchanged) the per-image energy is 1.25 and sample_shift_to_spread 1.25 / 31."""
+    g = generator(3)
+    scales = torch.cat([torch.full((4,), 2.0), torch.full((60,), 0.5)]).to(F64)
+    raw = torch.randn(4000, 64, generator=g, dtype=F64)
+    # exact moments: centre, then give every column the variance of its scale
+    raw = (raw - raw.mean(0)) / raw.std(0, unbiased=False)
+    clean = torch.cat([raw * scales, torch.zeros(4000, 16, dtype=F64)], 1) + 3.0
+    signs = torch.tensor([1.0, -1.0], dtype=F64).repeat(2000)
+    triggered = clean + 0.5 * axis(1, width=80) + signs.unsqueeze(1) * axis(70, width=80)
+    result = shift_alignment(clean, triggered, torch.eye(80, dtype=F64)[:8])
+    assert result["shift_to_spread"] == pytest.approx(0.25 / 31, rel=1e-9)
+    assert result["sample_shift_to_spread"] == pytest.approx(1.25 / 31, rel=1e-9)
+    flat = shift_alignment(torch.ones(10, 5), torch.ones(10, 5) + 1, torch.eye(5)[:2])
+    assert math.isnan(flat["shift_to_spread"])  # no spread to compare with
+
+
 def test_rank_two_trigger_per_sample_fractions():
     """Per-image shift d_i = α_i e_1 + β_i e_40 (α ~ 1 ± 0.2, β ~ N(0, 0.5²)), exact axes as
     directions: the mean-shift curve at k = 2 is ᾱ² / (ᾱ² + β̄²), the per-sample one the mean of

@@ -125,7 +125,9 @@ def point_numbers(feats: dict[str, torch.Tensor], poisoned: torch.Tensor, k: int
         alignment = shift_alignment(feats["clean"], feats["triggered"], clean.right)
         numbers.update({"shift_in_top_k": float(alignment["cumulative"][k]),
                         "sample_shift_in_top_k": float(alignment["per_sample_cumulative"][k]),
-                        "shift_consistency": alignment["consistency"]})
+                        "shift_consistency": alignment["consistency"],
+                        "shift_to_spread": alignment["shift_to_spread"],
+                        "sample_shift_to_spread": alignment["sample_shift_to_spread"]})
         curves["shift"] = alignment["cumulative"]
     if running is not None:
         alignment = shift_alignment(feats["clean"], feats["triggered"], running)
@@ -151,11 +153,12 @@ def analyze_run(store: ResultStore, run: StoredRun, *, out_dir, count: int = 100
                 progress: bool = False) -> RunAnalysis:
     """Every analysis of one stored run; figures and numbers under ``out_dir/<key[:8]>/``,
     numbers recorded in the store. ``save_every``: also the analysis over training, from
-    checkpoints every that many epochs (the run is trained again first if it lacks them, with
-    ``progress`` bars)."""
-    if save_every is not None:  # before single_thread: a retraining wants every thread
-        run = ensure_epoch_checkpoints(store, run, save_every, data_root=data_root,
-                                       device=device, progress=progress, log=log)
+    checkpoints every that many epochs. A run that lacks the checkpoints it needs (imported
+    from an export, or kept no intermediate ones) is trained again first, with ``progress``
+    bars."""
+    # before single_thread: a retraining wants every thread
+    run = ensure_epoch_checkpoints(store, run, save_every, data_root=data_root, device=device,
+                                   progress=progress, log=log)
     with single_thread():  # the N × N eigendecompositions lose many times over to contention
         return _analyze_run(store, run, out_dir=out_dir, count=count, k=k, seed=seed,
                             data_root=data_root, device=device, tsne=tsne, log=log,

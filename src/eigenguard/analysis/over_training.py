@@ -36,7 +36,8 @@ import torch
 from ..attacks.registry import attack_label
 from ..evaluate import evaluate
 from ..experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
-                          missing_epoch_checkpoints, poison_training_set, run)
+                          missing_checkpoint, missing_epoch_checkpoints, poison_training_set,
+                          run)
 from ..layer import find_guards
 from ..seeding import generator
 from ..splits import load_data
@@ -145,37 +146,41 @@ def _undefended_runs(store: ResultStore, stored: StoredRun) -> list[str]:
             if other.config.get("defense") == "none"]
 
 
-def ensure_epoch_checkpoints(store: ResultStore, stored: StoredRun, every: int, *,
+def ensure_epoch_checkpoints(store: ResultStore, stored: StoredRun, every: int | None, *,
                              data_root=None, device="cpu", progress: bool = False,
                              log=print) -> StoredRun:
-    """The stored run with checkpoints every ``every`` epochs: itself if it has them, else the
-    run trained again with its own config through :func:`eigenguard.experiment.run` (same key;
-    its row, metrics and files replaced)."""
-    KeepStates(every)  # a bad interval fails before anything loads
+    """The stored run with checkpoints every ``every`` epochs (``None``: with its final
+    checkpoint only): itself if it has them, else the run trained again with its own config
+    through :func:`eigenguard.experiment.run` (same key; its row, metrics and files replaced).
+    A run imported from an export has no weights at all."""
     config = RunConfig.from_dict(stored.config)
-    if config.build_defense().starts_from == "backdoored":
-        others = _undefended_runs(store, stored)
-        raise ValueError(
-            f"run {stored.key[:8]} ({config.defense}) repairs the undefended model of its setup "
-            "and trains nothing on the poisoned set, so it has no training to follow: analyse "
-            "the undefended run over training instead"
-            + (f" ({', '.join(others)})" if others else " (run it with --defense none)"))
-    missing = missing_epoch_checkpoints(store, stored, every)
+    if every is not None:
+        KeepStates(every)  # a bad interval fails before anything loads
+        if config.build_defense().starts_from == "backdoored":
+            others = _undefended_runs(store, stored)
+            raise ValueError(
+                f"run {stored.key[:8]} ({config.defense}) repairs the undefended model of its "
+                "setup and trains nothing on the poisoned set, so it has no training to follow: "
+                "analyse the undefended run over training instead"
+                + (f" ({', '.join(others)})" if others else " (run it with --defense none)"))
+        missing = missing_epoch_checkpoints(store, stored, every)
+        wanted = f"to keep its weights every {every} epochs"
+    else:
+        missing, wanted = missing_checkpoint(store, stored), "for its weights"
     if missing is None:
         return stored
     loaded = load_data(config.dataset, data_root)
     key = config.key(loaded.fingerprint)
     if key != stored.key:
         raise ValueError(
-            f"run {stored.key[:8]} lacks checkpoints every {every} epochs and cannot be trained "
-            f"again here: its config with these {config.dataset} files makes another key "
-            f"({key[:8]}): pass the original files with --data-root (or the run was stored by "
-            "an older version)")
+            f"run {stored.key[:8]} has to be trained again {wanted} ({missing}), but its config "
+            f"with these {config.dataset} files makes another key ({key[:8]}): pass the "
+            "original files with --data-root (or the run was stored by an older version)")
     if stored.status != "finished":  # run() explains a finished run's retraining itself
-        log(f"[{stored.key[:8]}] training it again to keep its weights every {every} epochs "
-            f"({missing}; its evaluation had failed)")
+        log(f"[{stored.key[:8]}] training it again {wanted} ({missing}; its evaluation had "
+            "failed)")
     result = run(config, store, device=device, data_root=data_root, progress=progress,
-                 log=log, loaded=loaded, save_every=every)
+                 log=log, loaded=loaded, save_every=every, need_checkpoint=True)
     return store.get_run(result.key)
 
 

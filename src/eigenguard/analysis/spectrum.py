@@ -368,6 +368,10 @@ def shift_alignment(clean: torch.Tensor, triggered: torch.Tensor,
     - ``shift_norm``: ‖Δ‖; ``sample_shift_rms``: sqrt(mean ‖d_i‖²); ``consistency``:
       ‖Δ‖² / mean ‖d_i‖², 1 when every image shifts by the same vector, near 0 when the shifts
       point in unrelated directions (then the mean shift says little, the per-sample curve more).
+    - ``shift_to_spread``: ‖Δ‖² over the clean features' spread mean_i ‖c_i − mean c‖² (their
+      total variance), and ``sample_shift_to_spread``: mean ‖d_i‖² over the same spread. How
+      large the trigger's move is against the natural variation of the features: a shift
+      inside the kept directions but far below their spread is hard to learn from.
 
     Fractions are NaN when there is nothing to divide: Δ = 0, or no sample shifted at all.
     """
@@ -379,11 +383,14 @@ def shift_alignment(clean: torch.Tensor, triggered: torch.Tensor,
     count, m = clean_rows.shape[0], basis.shape[0]
     shift_sum = torch.zeros(clean_rows.shape[1], dtype=torch.float64, device=basis.device)
     sample_curves = torch.zeros(m, dtype=torch.float64, device=basis.device)
-    sample_energy, shifted = 0.0, 0
+    clean_sum = torch.zeros_like(shift_sum)
+    sample_energy, clean_energy, shifted = 0.0, 0.0, 0
     step = max(1, BLOCK_BYTES // (8 * clean_rows.shape[1]))
     for start in range(0, count, step):
-        diff = (triggered_rows[start:start + step].to(torch.float64)
-                - clean_rows[start:start + step].to(torch.float64))
+        block = clean_rows[start:start + step].to(torch.float64)
+        clean_sum += block.sum(0)
+        clean_energy += float((block ** 2).sum())
+        diff = triggered_rows[start:start + step].to(torch.float64) - block
         shift_sum += diff.sum(0)
         norms = (diff ** 2).sum(1)
         moved = norms > 0
@@ -406,9 +413,12 @@ def shift_alignment(clean: torch.Tensor, triggered: torch.Tensor,
     else:
         per_sample = torch.full((m + 1,), math.nan, dtype=torch.float64, device=basis.device)
     mean_energy = sample_energy / count
+    spread = max(clean_energy / count - float(((clean_sum / count) ** 2).sum()), 0.0)
     return {"cumulative": cumulative, "cosine": cosine, "per_sample_cumulative": per_sample,
             "shift_norm": math.sqrt(shift_energy), "sample_shift_rms": math.sqrt(mean_energy),
-            "consistency": shift_energy / mean_energy if mean_energy > 0 else math.nan}
+            "consistency": shift_energy / mean_energy if mean_energy > 0 else math.nan,
+            "shift_to_spread": shift_energy / spread if spread > 0 else math.nan,
+            "sample_shift_to_spread": mean_energy / spread if spread > 0 else math.nan}
 
 
 # -- the source's Figure 2: top-k eigenspace against the rest ---------------------------------------
