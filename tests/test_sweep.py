@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eigenguard.cli import main
-from eigenguard.grid import GridError, grid_from_dict, load_grid
+from eigenguard.grid import GridError, grid_from_dict, load_grid, parse_only
 from eigenguard.store import ResultStore
 from eigenguard.sweep import dry_run_lines, plan, sweep
 
@@ -70,6 +70,25 @@ def test_blocks_add_products_that_inherit_the_axes_they_do_not_name():
         (a, d, 0) for a in ("badnets", "blended") for d in ("ft", "ss")}
     assert {(c.attack, c.defense) for c in grid.configs[8:]} == {("sig", "none"), ("sig", "ft")}
     assert all(c.width == 8 for c in grid.configs)
+
+
+def test_only_keeps_a_slice_of_a_grid_and_names_what_exists():
+    grid = grid_from_dict({
+        "setup": {"model": "small_cnn", "width": 8},
+        "attacks": ["badnets", "blended", "sig"], "defenses": ["none", "ft", "ss"],
+        "poison_ratios": [0.01, 0.1], "seeds": [0, 1]})
+    assert len(grid) == 36
+    part = grid.only(parse_only(["attack=badnets,sig", "seed=0", "poison_ratio=0.1"]))
+    assert len(part) == 6
+    assert {(c.attack, c.defense) for c in part.configs} == {
+        (a, d) for a in ("badnets", "sig") for d in ("none", "ft", "ss")}
+    assert all(c.seed == 0 and c.poison_ratio == 0.1 for c in part.configs)
+    with pytest.raises(GridError, match="its attack values are badnets, blended, sig"):
+        grid.only(parse_only(["attack=wanet"]))
+    with pytest.raises(GridError, match="runs have no field 'atack'"):
+        grid.only(parse_only(["atack=badnets"]))
+    with pytest.raises(GridError, match="FIELD=VALUE"):
+        parse_only(["attack"])
 
 
 @pytest.mark.parametrize("data, message", [
@@ -218,6 +237,14 @@ def test_cli_dry_run_lists_states_and_estimates(tmp_path, synthetic_root, capsys
     out = capsys.readouterr().out
     assert "4 stored, 4 pending" in out and "to run: 4; estimated compute: " in out
     assert "unknown" not in out
+    # a slice of the grid: seed 1 only, then one defense of it
+    assert main(["sweep", str(grid_file), "--dry-run", "--only", "seed=1", *common]) == 0
+    assert "grid tiny: 4 runs" in capsys.readouterr().out
+    assert main(["sweep", str(grid_file), "--only", "seed=1", "--only", "defense=none",
+                 *common]) == 0
+    assert "2 to run" in capsys.readouterr().out
+    assert main(["sweep", str(grid_file), "--dry-run", *common]) == 0
+    assert "6 stored, 2 pending" in capsys.readouterr().out
 
 
 def test_costs_come_from_runs_of_the_same_kind_else_scale_with_images_and_epochs():

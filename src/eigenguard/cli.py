@@ -170,10 +170,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .grid import load_grid
+    from .grid import load_grid, parse_only
     from .sweep import dry_run_lines, plan, sweep
 
     grid = load_grid(args.grid)
+    if args.only:
+        grid = grid.only(parse_only(args.only))
     store = ResultStore(args.store)
     if args.dry_run:
         planned, _ = plan(grid, store, data_root=args.data_root, retry_failed=args.retry_failed)
@@ -378,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the runs, which are stored already, and the estimated compute")
     p.add_argument("--retry-failed", action="store_true",
                    help="run failed runs again (re-evaluate those whose evaluation failed)")
+    p.add_argument("--only", action="append", metavar="FIELD=VALUE[,VALUE...]",
+                   help="run only the grid's runs with these values (repeatable, all must "
+                        "match), e.g. --only attack=badnets --only seed=0; fields: attack, "
+                        "defense, poison_ratio, seed, model, dataset")
     p.add_argument("--executor", choices=("in-process", "ray"), default="in-process",
                    help="in-process (default) or ray: each run a Ray task; only this process "
                         "writes the store")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -63,6 +63,38 @@ class Grid:
 
     def __len__(self) -> int:
         return len(self.configs)
+
+    def only(self, filters: dict[str, set[str]]) -> "Grid":
+        """The runs whose fields match every filter (field -> accepted values, compared as
+        text: ``{"attack": {"badnets"}, "seed": {"0"}}``), to run a slice of a grid first.
+        A field no run has, or a filter that leaves nothing, is an error naming what exists."""
+        kept = self.configs
+        for name, accepted in filters.items():
+            if not all(hasattr(config, name) for config in self.configs):
+                raise GridError(f"--only {name}=...: runs have no field {name!r}; use one of "
+                                f"{', '.join(ONLY_FIELDS)}")
+            kept = tuple(config for config in kept if str(getattr(config, name)) in accepted)
+            if not kept:
+                values = sorted({str(getattr(config, name)) for config in self.configs})
+                raise GridError(f"--only {name}={','.join(sorted(accepted))} leaves no run of "
+                                f"grid {self.name!r}: its {name} values are {', '.join(values)}")
+        return replace(self, configs=kept)
+
+
+#: the run fields a slice of a grid is usually chosen by (``Grid.only`` accepts any field)
+ONLY_FIELDS = ("attack", "defense", "poison_ratio", "seed", "model", "dataset")
+
+
+def parse_only(items) -> dict[str, set[str]]:
+    """``["attack=badnets,blended", "seed=0"]`` as ``{"attack": {...}, "seed": {"0"}}``."""
+    filters: dict[str, set[str]] = {}
+    for item in items or ():
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise GridError(f"--only {item!r}: write FIELD=VALUE[,VALUE...], e.g. "
+                            "attack=badnets or seed=0,1")
+        filters.setdefault(name.strip(), set()).update(v.strip() for v in values.split(","))
+    return filters
 
 
 def _named(value, what: str, setting_key: str) -> dict:
