@@ -7,6 +7,10 @@ image's shift, and the shift's consistency over images). Test split; 10% poison,
 grids' budget; rows sorted by the mean shift's share.
 
     .venv/bin/python scripts/attack-probes/suite-against-eigenguard.py [--store PATH]
+    .venv/bin/python scripts/attack-probes/suite-against-eigenguard.py --protocols
+
+``--protocols``: instead, the EigenGuard run's ACC / ASR under each of the four evaluation
+protocols (README, "Evaluation protocols"), rows sorted by the running ASR.
 
 Reads the store's finished runs (default results/results.sqlite; a store made with `eigenguard
 import results/*.jsonl` does as well).
@@ -51,10 +55,25 @@ def shift_measures(run_key: str) -> tuple[float, float, float]:
             point["shift_consistency"])
 
 
+PROTOCOLS = ("running", "triggered", "mixed", "single")
+
+
+def print_protocols(store: ResultStore, rows) -> None:
+    print("| attack | " + " | ".join(f"`{name}` ACC / ASR %" for name in PROTOCOLS) + " | run |")
+    print("|---" * (len(PROTOCOLS) + 2) + "|")
+    for *_, label, _, run in sorted(rows, key=lambda r: metric(store, r[-1], "running", "asr")):
+        cells = [f"{metric(store, run, name, 'acc'):.2f} / {metric(store, run, name, 'asr'):.2f}"
+                 for name in PROTOCOLS]
+        print(f"| {label} | " + " | ".join(cells) + f" | {run.key[:8]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results/results.sqlite")
-    store = ResultStore(parser.parse_args().store)
+    parser.add_argument("--protocols", action="store_true",
+                        help="the EigenGuard runs under every evaluation protocol")
+    args = parser.parse_args()
+    store = ResultStore(args.store)
     runs = [run for run in store.find_runs("") if run.status == "finished"]
     undefended = {setup(run.config): run for run in runs if run.config["defense"] == "none"}
     rows = []
@@ -64,6 +83,9 @@ def main() -> None:
             continue
         label = attack_label(run.config["attack"], run.config.get("attack_settings"))
         rows.append((*shift_measures(plain.key), label, plain, run))
+    if args.protocols:
+        print_protocols(store, rows)
+        return
     print("| attack | mean shift in top 16 % | per-image shift in top 16 % | consistency | "
           "undefended ACC / ASR % | EigenGuard running ACC / ASR % | per batch (`triggered`) "
           "ACC / ASR % | runs |")
