@@ -156,3 +156,16 @@ def test_the_page_states_the_compute_per_defense(tmp_path):
     assert f"{total_text(rows)}</a>" in page and 'id="compute"' in page
     for row in rows:
         assert f"<td>{row.defense}</td><td class=num>{row.runs}</td>" in page
+
+
+def test_the_page_shows_what_the_detectors_flagged(tmp_path):
+    from test_report_detection import add_detector_run
+
+    store = full_store(tmp_path / "s.sqlite")
+    page = write_html_report(store, None, tmp_path / "plain.html", title="t").read_text()
+    assert 'id="detection"' not in page  # nothing was detected: no empty table
+    add_detector_run(store, "ss0", detection=(0.3, 0.02, 300))
+    page = write_html_report(store, None, tmp_path / "report.html", title="t").read_text()
+    assert 'id="detection"' in page
+    assert ("<td>badnets</td><td class=num>10%</td><td>ss</td><td class=num>1</td>"
+            "<td class=num>30.0</td><td class=num>2.0</td><td class=num>300</td>") in page

@@ -241,11 +241,15 @@ def cmd_report(args) -> int:
                 print(f"wrote {path}", file=sys.stderr)
     if args.source_layout:
         from .report_cost import cost_rows, format_cost_markdown
+        from .report_detection import detection_rows, format_detection_markdown
         from .report_tables import format_source_markdown, source_tables
 
         print(format_source_markdown(source_tables(store, runs, split=args.split,
                                                    tuning_attacks=tuning,
                                                    protocol=args.protocol)))
+        detection = format_detection_markdown(detection_rows(store, runs))
+        if detection:
+            print("\n" + detection + "\n")
         print(format_cost_markdown(cost_rows(store, runs)))
         return 0
     if args.wide:

@@ -31,6 +31,9 @@ from .evaluate import PROTOCOLS
 from .report import _finished_runs, _short_commit
 from .report_cost import COLUMNS as COST_COLUMNS
 from .report_cost import CostRow, cost_cells, cost_rows, total_text
+from .report_detection import COLUMNS as DETECTION_COLUMNS
+from .report_detection import NOTE as DETECTION_NOTE
+from .report_detection import DetectionRow, detection_cells, detection_rows
 from .report_tables import (LEGEND, NO_DEFENSE, PROTOCOL_MARK, UNLEARNED_MARK, Column,
                             RunValues, Table, setting_text, source_tables)
 from .store import ResultStore, StoredRun
@@ -565,6 +568,20 @@ def cost_html(rows: list[CostRow]) -> str:
             f"repair only).</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
+def detection_html(rows: list[DetectionRow]) -> str:
+    """The detection table (:mod:`eigenguard.report_detection`) as HTML ("" when empty)."""
+    if not rows:
+        return ""
+    head = "".join(f"<th>{_e(name)}</th>" for name in DETECTION_COLUMNS)
+    body = "".join("<tr>" + "".join(f'<td{" class=num" if i in (1, 3, 4, 5, 6) else ""}>'
+                                    f"{_e(cell)}</td>"
+                                    for i, cell in enumerate(detection_cells(row))) + "</tr>"
+                   for row in rows)
+    return (f'<h3 id="detection">Detection</h3><table class="results compute"><caption>'
+            f"{_e(DETECTION_NOTE)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            "</table>")
+
+
 def _commits(runs: list[StoredRun]) -> str:
     counts: dict[str, int] = {}
     for run in runs:
@@ -617,6 +634,7 @@ def write_html_report(store: ResultStore, runs: list[StoredRun] | None, path, *,
         body += [table_html(table, number) for number, table in enumerate(tables, 1)]
     else:
         body.append('<p class="skipped">No finished run among the selected runs.</p>')
+    body.append(detection_html(detection_rows(store, runs)))
     body.append(cost_html(costs))
     body.append("<h2>Plots</h2>")
     for plot in plots:
