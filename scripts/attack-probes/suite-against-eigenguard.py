@@ -12,6 +12,11 @@ grids' budget; rows sorted by the mean shift's share.
 ``--protocols``: instead, the EigenGuard run's ACC / ASR under each of the four evaluation
 protocols (README, "Evaluation protocols"), rows sorted by the running ASR.
 
+``--spread``: instead, for the EigenGuard runs analysed with `eigenguard analyze` (their numbers
+are in the store), the trigger's feature shift against the clean features' spread at the layer's
+input and after its running filter (mean shift and per-image, `shift_to_spread` and
+`sample_shift_to_spread`), rows sorted by the per-image figure after the filter.
+
 Reads the store's finished runs (default results/results.sqlite; a store made with `eigenguard
 import results/*.jsonl` does as well).
 """
@@ -67,11 +72,36 @@ def print_protocols(store: ResultStore, rows) -> None:
         print(f"| {label} | " + " | ".join(cells) + f" | {run.key[:8]} |")
 
 
+def analysis_value(store: ResultStore, run, name: str) -> float | None:
+    for row in store.metrics(run.key):
+        if (row.get("protocol"), row.get("metric")) == ("analysis", name):
+            return row["value"]
+    return None
+
+
+def print_spread(store: ResultStore, rows) -> None:
+    print("| attack | EigenGuard running ASR % | layer input: mean / per-image shift over spread | "
+          "after the running filter: mean / per-image | run |")
+    print("|---|---|---|---|---|")
+    found = []
+    for *_, label, _, run in rows:
+        values = [analysis_value(store, run, f"layer1_eigenguard.{point}.{name}")
+                  for point in ("in", "out") for name in ("shift_to_spread",
+                                                          "sample_shift_to_spread")]
+        if None not in values:
+            found.append((values[3], label, run, values))
+    for _, label, run, (mean_in, image_in, mean_out, image_out) in sorted(found, key=lambda f: f[0]):
+        print(f"| {label} | {metric(store, run, 'running', 'asr'):.2f} | {mean_in:.4f} / "
+              f"{image_in:.4f} | {mean_out:.4f} / {image_out:.4f} | {run.key[:8]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results/results.sqlite")
     parser.add_argument("--protocols", action="store_true",
                         help="the EigenGuard runs under every evaluation protocol")
+    parser.add_argument("--spread", action="store_true",
+                        help="the analysed EigenGuard runs' trigger shift against the spread")
     args = parser.parse_args()
     store = ResultStore(args.store)
     runs = [run for run in store.find_runs("") if run.status == "finished"]
@@ -85,6 +115,9 @@ def main() -> None:
         rows.append((*shift_measures(plain.key), label, plain, run))
     if args.protocols:
         print_protocols(store, rows)
+        return
+    if args.spread:
+        print_spread(store, rows)
         return
     print("| attack | mean shift in top 16 % | per-image shift in top 16 % | consistency | "
           "undefended ACC / ASR % | EigenGuard running ACC / ASR % | per batch (`triggered`) "
