@@ -253,3 +253,50 @@ def test_a_row_margin_flags_fewer_rows_of_the_suspect_label():
     (tp1, poisoned, fp1, clean), (tp2, _, fp2, _) = counts[1.0], counts[0.5]
     assert tp1 == tp2 == poisoned  # measured: every poisoned row, either way
     assert fp1 > 400 and fp2 < fp1 / 5  # measured 562 and 52 (of 18,727 clean rows)
+
+
+def test_unlearning_passes_flagged_rows_and_pushes_their_label_down():
+    """action="unlearn": the flagged rows pass unchanged (gradient and all), and the hook's loss
+    replaces their cross-entropy by −log(1 − p(label)), bounded below by 0: at p = 0.9 it is
+    log 10 = 2.30, where the plain loss was −log 0.9 = 0.105; the other rows keep theirs."""
+    layer = LabelSieve(CLASSES, pool=1, warmup=5, action="unlearn", unlearn_weight=2.0)
+    batches = list(planted_batches(60))
+    run_layer(layer, batches[:-1])
+    x, y, poisoned = batches[-1]
+    layer.set_labels(y)
+    out = layer(x)
+    flagged = layer.flagged_last
+    assert flagged.any() and (flagged == poisoned).float().mean() > 0.95
+    assert torch.equal(out, x)  # nothing replaced: the loss does the work
+    logits = torch.full((BATCH, CLASSES), -10.0, requires_grad=True)
+    with torch.no_grad():  # each row's own label at probability 0.9
+        logits[torch.arange(BATCH), y] = math.log(0.9 / 0.1 * (CLASSES - 1)) - 10.0
+    losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    hook = HandLabels([layer])
+
+    class Batch:
+        labels, indices = y, torch.arange(BATCH)
+
+    total = hook.loss(None, Batch, logits, losses, losses.mean())
+    count = int(flagged.sum())
+    expected = ((BATCH - count) * -math.log(0.9) + 2.0 * count * math.log(10)) / BATCH
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-4)
+    total.backward()
+    own = logits.grad[torch.arange(BATCH), y]
+    assert (own[flagged] > 0).all() and (own[~flagged] < 0).all()  # down for flagged, up else
+    assert hook.flagged_total == count
+    # with the hold action the same flagged rows leave the loss as it is
+    layer.action = "hold"
+    plain = losses.mean()
+    assert HandLabels([layer]).loss(None, Batch, logits, losses, plain) is plain
+
+
+def test_unlearning_settings_are_checked_and_keep_stored_keys():
+    with pytest.raises(ValueError, match="action must be one of hold, unlearn"):
+        LabelSieve(CLASSES, action="forget")
+    with pytest.raises(ValueError, match="unlearn_weight must be a positive number"):
+        LabelSieve(CLASSES, unlearn_weight=0)
+    default = RunConfig(defense="sieve")
+    assert default.key("fixed-fingerprint") == "5353a4ca885f76da"  # as before the settings
+    unlearn = RunConfig(defense="sieve", defense_settings={"action": "unlearn"})
+    assert unlearn.key("d") != default.key("d")

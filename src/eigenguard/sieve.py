@@ -34,6 +34,10 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    running mean feature of the label's other side, a constant, so the flagged samples pass no
    gradient to the layers before and look like an ordinary sample of their label to the layers
    after (their loss is small). Every other row passes unchanged.
+5. with ``action="unlearn"`` the flagged rows pass unchanged instead, and the hook replaces
+   their cross-entropy by −log(1 − p(label)) (:func:`unlearning_loss`): they push their label's
+   probability down, through every layer, so a backdoor learned before its label was flagged
+   is unlearned inside the same training run (ABL's idea, with a loss bounded below).
 
 In evaluation mode the layer is the identity: it acts on training only, so it adds no cost at
 test time and its output never depends on the batch. Its running state is not part of the
@@ -59,14 +63,27 @@ MAX_DIMS = 1 << 20
 #: what scores a side of a label's cut (see :meth:`LabelSieve.side_scores`)
 STATISTICS = ("mixing", "spread")
 
+#: what the layer does with a flagged row (see the module docstring)
+ACTIONS = ("hold", "unlearn")
+
 
 class LabelSieve(nn.Module):
     """See the module docstring. ``classes``: the number of labels."""
 
     def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.05,
                  threshold: float = 0.6, margin: float = 1.2, warmup: int = 10,
-                 patience: int = 10, statistic: str = "mixing", row_margin: float = 1.0):
+                 patience: int = 10, statistic: str = "mixing", row_margin: float = 1.0,
+                 action: str = "hold", unlearn_weight: float = 1.0):
         super().__init__()
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)} (hold: a flagged row "
+                             f"teaches nothing; unlearn: it is trained away from its label), got "
+                             f"{action!r}")
+        if not (isinstance(unlearn_weight, (int, float)) and math.isfinite(unlearn_weight)
+                and unlearn_weight > 0):
+            raise ValueError(f"unlearn_weight must be a positive number (the weight of a "
+                             f"flagged row's unlearning loss against a clean row's loss), got "
+                             f"{unlearn_weight!r}")
         if not (isinstance(row_margin, (int, float)) and 0 < row_margin <= 1):
             raise ValueError(f"row_margin must be in (0, 1] (a row of the suspect label is flagged "
                              f"when its distance to another label's mean is below row_margin "
@@ -101,6 +118,7 @@ class LabelSieve(nn.Module):
         self.threshold, self.warmup, self.patience = float(threshold), warmup, patience
         self.margin, self.statistic = float(margin), statistic
         self.row_margin = float(row_margin)
+        self.action, self.unlearn_weight = action, float(unlearn_weight)
         self.labels: torch.Tensor | None = None
         self.reset()
 
@@ -108,7 +126,8 @@ class LabelSieve(nn.Module):
         return dict(classes=self.classes, pool=self.pool, momentum=self.momentum,
                     threshold=self.threshold, margin=self.margin, warmup=self.warmup,
                     patience=self.patience, statistic=self.statistic,
-                    row_margin=self.row_margin)
+                    row_margin=self.row_margin, action=self.action,
+                    unlearn_weight=self.unlearn_weight)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -345,7 +364,7 @@ class LabelSieve(nn.Module):
         if sides is not None:
             flagged = self.foreign_rows(rows, labels, sides)
         self.flagged_last = flagged
-        if not flagged.any():
+        if not flagged.any() or self.action == "unlearn":  # unlearning acts on the loss
             return features
         keep = self._state["side_output"][labels, 1 - sides[labels].clamp(min=0)].to(
             features.dtype)
@@ -378,6 +397,18 @@ class LabelSieve(nn.Module):
     def _filter_output(self, module, inputs, output):
         """Forward hook installed by :func:`sieve` on the module it follows."""
         return self(output)
+
+
+def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor,
+                    flagged: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The batch's loss with each flagged row's cross-entropy replaced by its unlearning loss
+    −log(1 − p(label)), times ``weight``: the row now pushes its own label's probability down
+    (what ABL's gradient ascent does), but bounded below by zero, so it cannot diverge as an
+    ascent on the cross-entropy can. Averaged over every row, as the plain loss is."""
+    probability = logits[flagged].float().softmax(1).gather(
+        1, labels[flagged].long().unsqueeze(1)).squeeze(1)
+    away = -torch.log1p(-probability.clamp(max=1 - 1e-6))
+    return (losses[~flagged].sum() + weight * away.sum()) / len(losses)
 
 
 def sieve(model: nn.Module, after: str, classes: int, **settings) -> LabelSieve:
@@ -415,12 +446,19 @@ class HandLabels(TrainHook):
         return batch
 
     def loss(self, state, batch, logits, losses, loss):
+        unlearn = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
+        weight = 1.0
         for layer in self.layers:
             if layer.flagged_last is not None and layer.flagged_last.any():
                 rows = layer.flagged_last.cpu()
                 self.flagged_epoch.append(batch.indices[rows])
                 self.flagged_total += int(rows.sum())
-        return loss
+                if layer.action == "unlearn":
+                    unlearn |= layer.flagged_last.to(losses.device)
+                    weight = layer.unlearn_weight
+        if not unlearn.any():
+            return loss
+        return unlearning_loss(logits, batch.labels.to(logits.device), losses, unlearn, weight)
 
     def on_epoch_end(self, state: TrainState, record: dict) -> None:
         record["sieve_flagged"] = int(sum(len(rows) for rows in self.flagged_epoch))

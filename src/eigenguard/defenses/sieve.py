@@ -45,8 +45,11 @@ class SieveDefense(Defense):
     patience: int = 10
     statistic: str = "mixing"
     row_margin: float = 1.0
+    action: str = "hold"
+    unlearn_weight: float = 1.0
 
-    later_settings = {"statistic": "mixing", "row_margin": 1.0}
+    later_settings = {"statistic": "mixing", "row_margin": 1.0, "action": "hold",
+                      "unlearn_weight": 1.0}
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
@@ -54,7 +57,8 @@ class SieveDefense(Defense):
     def layer_settings(self) -> dict:
         return dict(pool=self.pool, momentum=self.momentum, threshold=self.threshold,
                     margin=self.margin, warmup=self.warmup, patience=self.patience,
-                    statistic=self.statistic, row_margin=self.row_margin)
+                    statistic=self.statistic, row_margin=self.row_margin,
+                    action=self.action, unlearn_weight=self.unlearn_weight)
 
     def prepare_model(self, model):
         sieve(model, self.after, class_count(model), **self.layer_settings())
