@@ -300,3 +300,19 @@ def test_unlearning_settings_are_checked_and_keep_stored_keys():
     assert default.key("fixed-fingerprint") == "5353a4ca885f76da"  # as before the settings
     unlearn = RunConfig(defense="sieve", defense_settings={"action": "unlearn"})
     assert unlearn.key("d") != default.key("d")
+
+
+def test_the_bimodal_statistic_flags_the_label_split_in_two():
+    """statistic="bimodal": a clean label is one Gaussian group, whose split at the mean gives
+    between / within variance (2/π) / (1 − 2/π) ≈ 1.75 (measured 1.66-2.31); the poisoned label
+    is its clean rows plus other classes' rows moved by the trigger (measured 19.3). With a
+    threshold of 4 the layer flags every poisoned row and no clean one; on clean data nothing."""
+    layer = LabelSieve(CLASSES, pool=1, warmup=20, statistic="bimodal", threshold=4.0)
+    tp, poisoned, fp, _ = run_layer(layer, planted_batches(200))
+    values = layer.bimodality()
+    assert float(values[0]) > 10 and float(values[1:].max()) < 2.6
+    assert float(values[1:].mean()) == pytest.approx(2 / math.pi / (1 - 2 / math.pi), rel=0.15)
+    assert tp == poisoned and fp == 0
+    clean = LabelSieve(CLASSES, pool=1, warmup=20, statistic="bimodal", threshold=4.0)
+    _, _, fp, _ = run_layer(clean, planted_batches(150, poison=0.0))
+    assert fp == 0 and (clean.flagged_sides() == -1).all()

@@ -26,7 +26,10 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    or, with ``statistic="spread"``, over how many other labels the side's rows lie once their
    common offset is taken away (:meth:`LabelSieve.spread_scores`: it sees Blended's poison
    offline, which the mixing score does not, but did not keep its lead in training,
-   docs/SIEVE.md);
+   docs/SIEVE.md); or, with ``statistic="bimodal"``, how far the label's two sides lie apart
+   along its top direction against their own spread (:meth:`LabelSieve.bimodality`: measured
+   offline, Blended's label is the most bimodal once its backdoor has formed), put on the side
+   with the higher mixing score;
 4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at
    least ``threshold`` and ``margin`` times the next label's, ``patience`` batches more than it
    did not, becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect label, the rows nearer
@@ -61,7 +64,7 @@ from .train import Batch, TrainHook, TrainState
 MAX_DIMS = 1 << 20
 
 #: what scores a side of a label's cut (see :meth:`LabelSieve.side_scores`)
-STATISTICS = ("mixing", "spread")
+STATISTICS = ("mixing", "spread", "bimodal")
 
 #: what the layer does with a flagged row (see the module docstring)
 ACTIONS = ("hold", "unlearn")
@@ -102,9 +105,9 @@ class LabelSieve(nn.Module):
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
                 and threshold > 0):
-            raise ValueError(f"threshold must be a positive number (the mixing score that "
-                             f"flags a side; 1 = spread like the whole data set), got "
-                             f"{threshold!r}")
+            raise ValueError(f"threshold must be a positive number (the score that flags a "
+                             f"side: for the mixing score 1 = spread like the whole data set, "
+                             f"for bimodality 1.75 = one Gaussian group), got {threshold!r}")
         if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 1):
             raise ValueError(f"margin must be a number >= 1 (how many times the next label's "
                              f"score the suspect label's must be), got {margin!r}")
@@ -163,6 +166,8 @@ class LabelSieve(nn.Module):
             push=torch.zeros(c, d, dtype=torch.float64, device=device),
             direction=(start / start.norm()).repeat(c, 1),
             side_coordinate=torch.zeros(c, 2, dtype=torch.float64, device=device),
+            side_coordinate_sq=torch.zeros(c, 2, dtype=torch.float64, device=device),
+            side_share=torch.zeros(c, 2, dtype=torch.float64, device=device),
             side_mean=torch.zeros(c, 2, d, dtype=torch.float64, device=device),
             side_total=torch.zeros(c, 2, dtype=torch.float64, device=device),
             side_between=torch.zeros(c, 2, dtype=torch.float64, device=device),
@@ -246,6 +251,10 @@ class LabelSieve(nn.Module):
                     continue
                 seen = state["side_seen"][label, which]
                 self._blend("side_coordinate", (label, which), coordinate[members].mean(), seen)
+                self._blend("side_coordinate_sq", (label, which),
+                            (coordinate[members] ** 2).mean(), seen)
+                self._blend("side_share", (label, which),
+                            members.sum().to(rows.dtype) / mine.sum(), seen)
                 self._blend("side_mean", (label, which), rows[members].mean(0), seen)
                 self._blend("side_output", (label, which), features[members].detach().mean(0),
                             seen)
@@ -273,7 +282,35 @@ class LabelSieve(nn.Module):
 
     def side_scores(self) -> torch.Tensor:
         """(C, 2): each side's score by the layer's ``statistic`` (NaN until known)."""
+        if self.statistic == "bimodal":
+            return self.bimodal_scores()
         return self.mixing_scores() if self.statistic == "mixing" else self.spread_scores()
+
+    def bimodality(self) -> torch.Tensor:
+        """(C,) per label, the variance between the two sides of its cut over the variance
+        within them, along its top direction: p0·p1·(c1 − c0)² / (p0·v0 + p1·v1) from the
+        running side shares p, coordinate means c and variances v. A Gaussian label split at
+        its mean gives (2/π) / (1 − 2/π) ≈ 1.75; a label made of two separate groups, such as
+        clean rows and rows of other classes moved by one trigger, far more (docs/SIEVE.md).
+        NaN until both sides are known."""
+        state = self._state
+        share = state["side_share"] / state["side_share"].sum(1, keepdim=True).clamp(min=1e-300)
+        mean = state["side_coordinate"]
+        variance = (state["side_coordinate_sq"] - mean ** 2).clamp(min=0)
+        between = share[:, 0] * share[:, 1] * (mean[:, 1] - mean[:, 0]) ** 2
+        within = (share * variance).sum(1)
+        values = between / within.clamp(min=1e-300)
+        return torch.where(state["side_seen"].all(1), values, torch.full_like(values, math.nan))
+
+    def bimodal_scores(self) -> torch.Tensor:
+        """(C, 2): each label's :meth:`bimodality` on the side whose mixing score is higher
+        (the side made of other classes, if either is), 0 on the other; NaN until known."""
+        mixing = self.mixing_scores().nan_to_num(-1.0)
+        poison_side = (mixing[:, 1] > mixing[:, 0]).long()
+        scores = torch.zeros_like(mixing)
+        scores.scatter_(1, poison_side.unsqueeze(1), self.bimodality().unsqueeze(1))
+        return torch.where(self._state["side_seen"].all(1, keepdim=True), scores,
+                           torch.full_like(scores, math.nan))
 
     def spread_scores(self) -> torch.Tensor:
         """(C, 2): over how many other labels each side's rows are spread, once their common
