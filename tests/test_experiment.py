@@ -227,6 +227,41 @@ def test_post_training_defense_retrains_an_imported_backdoored_model(tmp_path, s
     assert len(scores(source)) >= 4 and scores(store) == pytest.approx(scores(source), abs=1e-6)
 
 
+def test_a_run_trained_again_uses_its_recorded_thread_count(tmp_path, synthetic_root,
+                                                            monkeypatch):
+    # the thread count changes the order of floating-point sums: a retraining on another count
+    # does not reproduce the record, so it is done on the recorded one, then the count restored
+    source = ResultStore(tmp_path / "source.sqlite")
+    undefended = run(config(), source, data_root=synthetic_root, progress=False)
+    export_runs(source, tmp_path / "runs.jsonl")
+    text = (tmp_path / "runs.jsonl").read_text()
+    recorded = torch.get_num_threads()
+    assert f'"threads":{recorded}' in text
+    (tmp_path / "runs.jsonl").write_text(text.replace(f'"threads":{recorded}', '"threads":1')
+                                         .replace(f"{recorded} threads", "1 threads"))
+    store = ResultStore(tmp_path / "imported.sqlite")
+    import_runs(store, [tmp_path / "runs.jsonl"])
+    assert experiment.recorded_threads(store.get_run(undefended.key)) == 1
+    seen, original = [], experiment.execute
+
+    def spy(cfg, **kwargs):
+        seen.append((cfg.defense, torch.get_num_threads()))
+        return original(cfg, **kwargs)
+
+    monkeypatch.setattr(experiment, "execute", spy)
+    torch.set_num_threads(2)
+    try:
+        lines = []
+        run(config(defense="example-finetune"), store, data_root=synthetic_root,
+            progress=False, log=lines.append)
+        assert seen == [("none", 1), ("example-finetune", 2)]
+        assert torch.get_num_threads() == 2  # restored
+        assert any("on its recorded 1 CPU threads" in line for line in lines)
+        assert experiment.recorded_threads(store.get_run(undefended.key)) == 1
+    finally:
+        torch.set_num_threads(recorded)
+
+
 def test_a_fitted_attack_state_is_saved_and_used_again(tmp_path, synthetic_root):
     store = ResultStore(tmp_path / "r.sqlite")
     result = run(config(attack="example-fitted"), store, data_root=synthetic_root,
