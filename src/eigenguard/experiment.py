@@ -39,7 +39,7 @@ import platform
 import re
 import subprocess
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from .attacks.base import LABEL_MODES
 from .data import ImageSet, dataset_info
 from .defenses import DefenseContext, DefenseResult, create_defense
 from .evaluate import check_protocol, detection_metrics, evaluate
+from .threads import thread_count
 from .models.registry import create_model, get_model_factory
 from .seeding import stream_seed
 from .splits import LoadedData, Splits, check_fractions, load_data, make_splits
@@ -489,20 +490,6 @@ def recorded_threads(run: StoredRun) -> int | None:
             return value
     match = re.search(r"(\d+) threads", str((run.extra or {}).get("device", "")))
     return int(match.group(1)) if match else None
-
-
-@contextmanager
-def thread_count(count: int | None):
-    """Train on ``count`` CPU threads (None: as the process is): the count changes the order
-    of floating-point sums, so a run trained again matches its record only on its own count
-    (measured: 2.3 and 11.8 points of ASR apart on another)."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def missing_checkpoint(store: ResultStore, run: StoredRun) -> str | None:

@@ -36,6 +36,7 @@ from torch import nn
 from ..data import ImageSet, normalize
 from ..models import create_model, is_model, list_models
 from ..seeding import generator, stream_seed
+from ..threads import thread_count
 from ..train import TrainConfig, train
 from .base import is_integer
 
@@ -196,9 +197,5 @@ def single_thread():
     beside it, 200 TrojanNN steps took 9.6 s with 2 threads and 0.38 s with 1). One thread also
     makes their results independent of the machine's thread count.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with thread_count(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
