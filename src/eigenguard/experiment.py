@@ -478,9 +478,7 @@ def missing_epoch_checkpoints(store: ResultStore, run: StoredRun, every: int | N
     if len(files) != len(kept.get("epochs", [])) or not all(
             store.resolve(path).is_file() for path in files):
         return "its intermediate checkpoint files are not in this store"
-    if not run.checkpoint or not store.resolve(run.checkpoint).is_file():
-        return "its checkpoint is not in this store"
-    return None
+    return missing_checkpoint(store, run)
 
 
 def recorded_threads(run: StoredRun) -> int | None:
@@ -500,6 +498,17 @@ def missing_checkpoint(store: ResultStore, run: StoredRun) -> str | None:
     if not store.resolve(run.checkpoint).is_file():
         return f"its checkpoint file {run.checkpoint} is missing"
     return None
+
+
+def missing_weights(store: ResultStore, run: StoredRun, every: int | None,
+                    need_checkpoint: bool = True) -> tuple[str | None, str]:
+    """Why a stored run must be trained again (None: it need not), and what for: its
+    checkpoints every ``every`` epochs when asked, else (with ``need_checkpoint``) its final
+    weights."""
+    if every is not None:
+        return (missing_epoch_checkpoints(store, run, every),
+                f"to keep its weights every {every} epochs")
+    return (missing_checkpoint(store, run) if need_checkpoint else None), "for its weights"
 
 
 def stored_result(store: ResultStore, run: StoredRun, config: RunConfig) -> RunResult:
@@ -533,10 +542,7 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
             claim = store.claim(key, setup_key, config.resolved(), library_versions(), git_commit(),
                                 device_description(device), force=force)
             if claim.state == "finished":
-                missing = missing_epoch_checkpoints(store, claim.run, save_every)
-                wanted = f"to keep its weights every {save_every} epochs"
-                if missing is None and need_checkpoint:
-                    missing, wanted = missing_checkpoint(store, claim.run), "for its weights"
+                missing, wanted = missing_weights(store, claim.run, save_every, need_checkpoint)
                 if missing is None:
                     return stored_result(store, claim.run, config)
                 threads = recorded_threads(claim.run)

@@ -36,8 +36,7 @@ import torch
 from ..attacks.registry import attack_label
 from ..evaluate import evaluate
 from ..experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
-                          missing_checkpoint, missing_epoch_checkpoints, poison_training_set,
-                          run)
+                          missing_weights, poison_training_set, run)
 from ..layer import find_guards
 from ..seeding import generator
 from ..splits import load_data
@@ -163,10 +162,7 @@ def ensure_epoch_checkpoints(store: ResultStore, stored: StoredRun, every: int |
                 "setup and trains nothing on the poisoned set, so it has no training to follow: "
                 "analyse the undefended run over training instead"
                 + (f" ({', '.join(others)})" if others else " (run it with --defense none)"))
-        missing = missing_epoch_checkpoints(store, stored, every)
-        wanted = f"to keep its weights every {every} epochs"
-    else:
-        missing, wanted = missing_checkpoint(store, stored), "for its weights"
+    missing, wanted = missing_weights(store, stored, every)
     if missing is None:
         return stored
     loaded = load_data(config.dataset, data_root)
