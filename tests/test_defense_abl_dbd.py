@@ -81,14 +81,43 @@ def test_local_gradient_ascent_descends_above_gamma_and_ascends_below():
     assert losses.grad.tolist() == [-0.25, -0.25, 0.25, 0.25]  # below gamma: ascent
 
 
+def test_the_batch_reduction_lets_single_samples_fall_below_gamma():
+    """The reference code's form: the sign of the batch's mean, so while the mean (0.75 here) is
+    above gamma every sample descends, the two already below gamma included."""
+    losses = torch.tensor([0.2, 0.4, 0.9, 1.5], requires_grad=True)
+    value = local_gradient_ascent(losses, gamma=0.5, reduction="batch")
+    assert value.item() == pytest.approx(0.75)
+    value.backward()
+    assert losses.grad.tolist() == [0.25, 0.25, 0.25, 0.25]
+    low = torch.tensor([0.1, 0.3], requires_grad=True)  # mean 0.2 < gamma: the batch ascends
+    local_gradient_ascent(low, gamma=0.5, reduction="batch").backward()
+    assert low.grad.tolist() == [-0.5, -0.5]
+
+
+def test_abl_follows_the_reference_code_and_keeps_the_keys_of_per_sample_runs():
+    from eigenguard.defenses.registry import DEFENSES
+    from eigenguard.experiment import RunConfig
+    assert AntiBackdoorLearning().loss_reduction == "batch"
+    assert "loss_reduction" in AntiBackdoorLearning().key_settings()
+    assert "loss_reduction" not in AntiBackdoorLearning(loss_reduction="sample").key_settings()
+    # a run stored before the setting existed took the sign per sample, and reads back so
+    stored = RunConfig(defense="abl", defense_settings={"isolation_epochs": 1}).resolved()
+    stored["defense_settings"].pop("loss_reduction")
+    old = RunConfig.from_dict(stored)
+    assert dict(old.defense_settings)["loss_reduction"] == "sample"
+    assert old.resolved() == stored
+    assert DEFENSES.rebuild("abl", stored["defense_settings"]).label() == (
+        "abl(isolation_epochs=1, loss_reduction=sample)")
+
+
 @pytest.fixture(scope="module")
 def abl_stages():
     """ABL's stages one by one on 2,000 stripes (BadNets 6×6, 10%), seed 0.
 
-    Measured (seeds 0, 1, 2): poison share of the 20 isolated samples 100%, 95%, 100% (base rate
-    10%); before unlearning ACC 100%, ASR 100%; after the default unlearning (20 epochs at 5e-4)
-    ASR 0%, 1%, 13% at ACC 72%, 27%, 84%; mean loss of the isolated samples 0.0006 -> 0.51 at
-    seed 0. The ASR drop alone does not prove the ascent: plain descent on the isolated samples
+    Measured with the default batch-mean isolation loss (seeds 0, 1, 2): poison share of the 20
+    isolated samples 75%, 90%, 100% (base rate 10%; the per-sample loss: 100%, 80%, 100%); before
+    unlearning ACC 100%, ASR 100%; after the default unlearning (20 epochs at 5e-4) ASR 3%, 0%, 0%
+    at ACC 61%, 32%, 69%; mean loss of the isolated samples 0.0014 -> 0.34 at seed 0. The ASR drop alone does not prove the ascent: plain descent on the isolated samples
     also lowered it here (BatchNorm re-estimates its statistics on them), so the isolated
     samples' loss is asserted to rise as well. About 4 s.
     """
@@ -116,17 +145,17 @@ def abl_stages():
 def test_abl_isolates_the_samples_learned_fastest(abl_stages):
     isolated, poisoned = abl_stages["isolated"], abl_stages["poisoned"]
     assert isolated.numel() == 20  # 1% of 2,000
-    assert poison_share(isolated, poisoned.poison_indices, 2000) >= 0.8  # measured 1.0
+    assert poison_share(isolated, poisoned.poison_indices, 2000) >= 0.6  # measured 0.75
     assert abl_stages["losses"][isolated].max() <= abl_stages["losses"].median()
 
 
 def test_abl_unlearning_removes_the_planted_backdoor(abl_stages):
     before, after = abl_stages["before"], abl_stages["after"]
     assert before.asr > 0.9  # measured 1.0: the backdoor is there before unlearning
-    assert after.asr < 0.3  # measured 0.0
-    assert after.acc > 0.4  # measured 0.72; chance is 0.1
+    assert after.asr < 0.3  # measured 0.03
+    assert after.acc > 0.4  # measured 0.61; chance is 0.1
     loss_before, loss_after = abl_stages["isolated_loss"]
-    assert loss_after > loss_before + 0.25  # the ascent itself: measured 0.0006 -> 0.51
+    assert loss_after > loss_before + 0.2  # the ascent itself: measured 0.0014 -> 0.34
 
 
 def test_abl_defend_runs_its_stages_and_reports_the_isolated_samples():
@@ -152,6 +181,7 @@ def test_abl_defend_runs_its_stages_and_reports_the_isolated_samples():
     ("finetune_epochs", -1, "finetune_epochs must be an integer >= 0"),
     ("unlearning_epochs", 2.5, "unlearning_epochs must be an integer >= 1, got 2.5"),
     ("unlearning_lr", float("inf"), "unlearning_lr must be a finite number > 0"),
+    ("loss_reduction", "mean", "loss_reduction must be one of"),
 ])
 def test_abl_rejects_bad_settings(setting, value, message):
     with pytest.raises(ValueError, match=message):

@@ -52,6 +52,7 @@ from .attacks import POISON_POOLS, create_attack
 from .attacks.base import LABEL_MODES
 from .data import ImageSet, dataset_info
 from .defenses import DefenseContext, DefenseResult, create_defense
+from .defenses.registry import DEFENSES
 from .evaluate import check_protocol, detection_metrics, evaluate
 from .threads import thread_count
 from .models.registry import create_model, get_model_factory
@@ -226,8 +227,11 @@ class RunConfig(SetupConfig):
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        """The config a store recorded (its key's resolved form; see ``stored_settings``)."""
         data = {k: v for k, v in data.items() if k != "version"}
         data["train"] = TrainConfig(**data.get("train", {}))
+        data["defense_settings"] = DEFENSES.stored_settings(data.get("defense", "none"),
+                                                            data.get("defense_settings"))
         return cls(**data)
 
 

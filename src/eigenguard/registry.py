@@ -47,9 +47,23 @@ class Registry(Generic[T]):
         try:
             factory = self.get(name)
             known = {f.name for f in dataclasses.fields(factory)}
-            return factory(**{k: v for k, v in dict(settings or {}).items() if k in known})
+            settings = self.stored_settings(name, settings)
+            return factory(**{k: v for k, v in settings.items() if k in known})
         except (EigenGuardError, KeyError, TypeError, ValueError):
             return None
+
+    def stored_settings(self, name: str, settings) -> dict:
+        """A stored config's settings with each setting added since (``later_settings``) at the
+        earlier value its run used: a key leaves such a value out, so a stored config lacks it,
+        and reading it as the current default would misname the run and change its key."""
+        settings = dict(settings or {})
+        try:
+            factory = self.get(name)
+        except EigenGuardError:
+            return settings
+        for setting, earlier in getattr(factory, "later_settings", {}).items():
+            settings.setdefault(setting, earlier)
+        return settings
 
     def names(self, pattern: str | None = None) -> list[str]:
         names = sorted(self._entries)
