@@ -208,10 +208,14 @@ def test_an_imported_undefended_run_is_trained_again_for_its_weights(tmp_path, s
     source = ResultStore(tmp_path / "source.sqlite")
     in_process(undefended_only, source, synthetic_root)
     export_runs(source, tmp_path / "runs.jsonl")
+    # recorded on two threads: the one-CPU executor trains it again on two, as recorded
+    text = (tmp_path / "runs.jsonl").read_text()
+    recorded = source.find_runs()[0].extra["threads"]
+    (tmp_path / "runs.jsonl").write_text(text.replace(f'"threads":{recorded}', '"threads":2'))
     store = ResultStore(tmp_path / "imported.sqlite")
     import_runs(store, [tmp_path / "runs.jsonl"])
     (imported,) = store.find_runs()
-    assert imported.checkpoint is None
+    assert imported.checkpoint is None and imported.extra["threads"] == 2
     grid = tiny(seeds=[0], attacks=["badnets"], defenses=["example-finetune"])
     executor = RayExecutor(cpus_per_run=1, runtime_env=SHIP_TESTS)
     summary = sweep(grid, store, executor=executor, data_root=synthetic_root, progress=False,
@@ -220,6 +224,9 @@ def test_an_imported_undefended_run_is_trained_again_for_its_weights(tmp_path, s
     assert executor.submissions[0] == (imported.key, False)  # trained again, first
     retrained = store.get_run(imported.key)
     assert retrained.status == "finished" and store.resolve(retrained.checkpoint).is_file()
+    assert retrained.extra["threads"] == 2  # as recorded; the defense on the executor's one
+    (defended,) = [run for run in store.find_runs() if run.key != imported.key]
+    assert defended.extra["threads"] == 1
     assert contents(store)[1] == pytest.approx(contents(reference_store(
         grid, tmp_path, synthetic_root))[1], abs=1e-6)
 

@@ -63,7 +63,8 @@ from .attacks.registry import ATTACKS
 from .defenses.registry import DEFENSES
 from .errors import EigenGuardError
 from .experiment import (RunConfig, device_description, execute, git_commit, library_versions,
-                         load_checkpoint, missing_checkpoint, record, reevaluate)
+                         load_checkpoint, missing_checkpoint, record, recorded_threads,
+                         reevaluate)
 from .models import registry as model_registry
 from .splits import LoadedData
 from .store import HEARTBEAT_SECONDS, ClaimLostError, ResultStore, StoredRun
@@ -447,9 +448,20 @@ class _Driver:
         return self.store.claim(item.key, item.setup_key, item.config.resolved(), self.versions,
                                 self.commit, self.description, force=force)
 
+    def _threads_for(self, item: PlannedRun) -> int:
+        """The CPU threads a task trains with: the executor's, except for an undefended run
+        trained again for its weights, which must reproduce its record and so uses the thread
+        count it was recorded with (the count changes the order of floating-point sums)."""
+        if item.key in self.plan.references:
+            stored = self.store.get_run(item.key)
+            if stored is not None and not is_trained(self.store, stored):
+                return recorded_threads(stored) or self.executor.threads
+        return self.executor.threads
+
     def _submit_ready(self) -> None:
         while self.ready and len(self.in_flight) < self.max_in_flight:
             item, state = self.ready.popleft()
+            threads = self._threads_for(item)
             claim = self._claim(item)
             if claim.state == "finished":
                 self.log(f"[sweep] {item.key[:8]} was finished meanwhile by another process; "
@@ -470,7 +482,7 @@ class _Driver:
                 num_cpus=self.executor.cpus_per_run, num_gpus=self.executor.gpus_per_run,
                 runtime_env=self.executor.runtime_env,
             ).remote(item.config, data_root=self.data_root, device=self.device,
-                     gpus_per_run=self.executor.gpus_per_run, threads=self.executor.threads,
+                     gpus_per_run=self.executor.gpus_per_run, threads=threads,
                      protocols=item.protocols, backdoored_state=state,
                      extensions=_extensions([item.config]))
             self.in_flight[ref] = _Task(item, claim.token, time.monotonic())
