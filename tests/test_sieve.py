@@ -2,6 +2,7 @@
 (dirty-label poison), nothing in clean data, and not clean-label poison (its stated blind spot);
 it is the identity at evaluation and stops the flagged rows' gradient."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -316,3 +317,62 @@ def test_the_bimodal_statistic_flags_the_label_split_in_two():
     clean = LabelSieve(CLASSES, pool=1, warmup=20, statistic="bimodal", threshold=4.0)
     _, _, fp, _ = run_layer(clean, planted_batches(150, poison=0.0))
     assert fp == 0 and (clean.flagged_sides() == -1).all()
+
+
+def grey_set(count: int = 96) -> "ImageSet":
+    from eigenguard.data import ImageSet
+    g = torch.Generator().manual_seed(5)
+    return ImageSet(torch.randint(0, 256, (count, 1, 28, 28), generator=g, dtype=torch.uint8),
+                    torch.arange(count) % CLASSES, tuple(map(str, range(CLASSES))),
+                    (0.5,), (0.25,), "grey")
+
+
+def train_sieved(view: str, data) -> tuple[torch.nn.Module, LabelSieve]:
+    """Two epochs of the shared loop with crops and flips, a sieve after ``block1`` that only
+    measures (its warmup never ends), and the HandLabels hook."""
+    from eigenguard.train import Augmentation, TrainConfig, train
+    torch.manual_seed(0)
+    model = create_model("small_cnn", in_channels=1, num_classes=CLASSES, width=4)
+    layer = sieve(model, "block1", CLASSES, warmup=10 ** 6, view=view)
+    train(model, data, TrainConfig(epochs=2, batch_size=32), seed=0,
+          augmentation=Augmentation(crop_padding=2, flip=True), progress=False,
+          hooks=[HandLabels([layer])])
+    return model, layer
+
+
+def test_the_plain_view_reads_the_unaugmented_images_and_leaves_training_unchanged():
+    data = grey_set()
+    plain_model, plain_layer = train_sieved("plain", data)
+    augmented_model, augmented_layer = train_sieved("augmented", data)
+    # the extra pass changes nothing: same weights and BatchNorm statistics, bit for bit
+    for name, value in augmented_model.state_dict().items():
+        assert torch.equal(plain_model.state_dict()[name], value), name
+    # but the statistics read other features: the label means differ
+    assert not torch.allclose(plain_layer._state["mean"], augmented_layer._state["mean"])
+
+    # the rows handed over are the stage's features of the samples as stored, in train mode
+    from eigenguard.data import normalize
+    from eigenguard.train import Batch
+    model, layer = plain_model, plain_layer
+    model.train()
+    indices = torch.arange(8)
+    stored = data.images[indices].float() / 255
+    batch = Batch(stored.flip(-1), data.labels[indices], indices)  # "augmented": flipped
+    HandLabels([layer]).on_batch(SimpleNamespace(model=model, data=data), batch)
+    handed = layer.plain_rows
+    layer.eval()  # the identity, so block1's output below is the stage's own
+    reference = model.block1(normalize(stored, data.mean, data.std)).detach()
+    assert torch.allclose(handed, reference.flatten(1).double(), atol=1e-5)
+
+
+def test_the_plain_view_needs_the_hook_and_a_known_name():
+    with pytest.raises(ValueError, match="view must be one of augmented, plain"):
+        LabelSieve(CLASSES, view="sideways")
+    layer = LabelSieve(CLASSES, view="plain").train()
+    layer.set_labels(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="unaugmented images and none were handed over"):
+        layer(torch.randn(4, WIDTH, 1, 1))
+    default = RunConfig(defense="sieve")
+    assert default.key("fixed-fingerprint") == "5353a4ca885f76da"  # as before the setting
+    plain = RunConfig(defense="sieve", defense_settings={"view": "plain"})
+    assert plain.key("d") != default.key("d")

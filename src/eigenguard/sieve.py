@@ -42,6 +42,17 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    probability down, through every layer, so a backdoor learned before its label was flagged
    is unlearned inside the same training run (ABL's idea, with a loss bounded below).
 
+With ``view="plain"`` the statistics and the rows' judgement use the features of the batch's
+*unaugmented* images instead of the training forward's (the samples are the same; only the
+random crop and flip are left out): :class:`HandLabels` runs the layers before the sieve on them
+once more, without gradient and with every buffer (BatchNorm's running statistics) restored, so
+training is unchanged. Why (docs/SIEVE.md): the training augmentation moves clean rows towards
+other labels' means, which hides the poison label among them; on the unaugmented images the
+poison label led from the first batches of training on the tuning runs. It costs a forward pass
+of the early layers per batch. The plain images are read from the training set, so a trigger a
+training hook adds to the batch (a training-controlled attack) is not in them; the sieve's
+threat model is data poisoning.
+
 In evaluation mode the layer is the identity: it acts on training only, so it adds no cost at
 test time and its output never depends on the batch. Its running state is not part of the
 model's state dict (non-persistent), so checkpoints load into a model without it.
@@ -57,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import normalize
 from .layer import insert_after
 from .train import Batch, TrainHook, TrainState
 
@@ -69,6 +81,13 @@ STATISTICS = ("mixing", "spread", "bimodal")
 #: what the layer does with a flagged row (see the module docstring)
 ACTIONS = ("hold", "unlearn")
 
+#: which features the statistics read: the training forward's, or the unaugmented images'
+VIEWS = ("augmented", "plain")
+
+
+class PlainPassDone(Exception):
+    """Ends the forward pass of the unaugmented images once every sieve has its features."""
+
 
 class LabelSieve(nn.Module):
     """See the module docstring. ``classes``: the number of labels."""
@@ -76,8 +95,13 @@ class LabelSieve(nn.Module):
     def __init__(self, classes: int, *, pool: int | None = None, momentum: float = 0.05,
                  threshold: float = 0.6, margin: float = 1.2, warmup: int = 10,
                  patience: int = 10, statistic: str = "mixing", row_margin: float = 1.0,
-                 action: str = "hold", unlearn_weight: float = 1.0):
+                 action: str = "hold", unlearn_weight: float = 1.0,
+                 view: str = "augmented"):
         super().__init__()
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {', '.join(VIEWS)} (the features the "
+                             f"statistics read: the training forward's, or those of the batch's "
+                             f"unaugmented images), got {view!r}")
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)} (hold: a flagged row "
                              f"teaches nothing; unlearn: it is trained away from its label), got "
@@ -122,7 +146,10 @@ class LabelSieve(nn.Module):
         self.margin, self.statistic = float(margin), statistic
         self.row_margin = float(row_margin)
         self.action, self.unlearn_weight = action, float(unlearn_weight)
+        self.view = view
         self.labels: torch.Tensor | None = None
+        self.plain_rows: torch.Tensor | None = None  # the next forward's unaugmented features
+        self.capturing: list | None = None  # set while HandLabels runs the unaugmented pass
         self.reset()
 
     def settings(self) -> dict:
@@ -130,7 +157,7 @@ class LabelSieve(nn.Module):
                     threshold=self.threshold, margin=self.margin, warmup=self.warmup,
                     patience=self.patience, statistic=self.statistic,
                     row_margin=self.row_margin, action=self.action,
-                    unlearn_weight=self.unlearn_weight)
+                    unlearn_weight=self.unlearn_weight, view=self.view)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -369,8 +396,20 @@ class LabelSieve(nn.Module):
 
     # -- the layer ---------------------------------------------------------------------------
 
+    def capture(self, features: torch.Tensor) -> None:
+        """In the unaugmented pass: keep this batch's rows for the training forward; the last
+        sieve to capture ends the pass (the layers after it are not needed)."""
+        self.plain_rows = self.pooled(features)
+        pending, self.capturing = self.capturing, None
+        pending.remove(self)
+        if not pending:
+            raise PlainPassDone
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            return features
+        if self.capturing is not None:
+            self.capture(features)
             return features
         labels, self.labels = self.labels, None
         if labels is None:
@@ -385,7 +424,8 @@ class LabelSieve(nn.Module):
         if len(labels) and (labels.min() < 0 or labels.max() >= self.classes):
             raise ValueError(f"LabelSieve labels must lie in [0, {self.classes}), got "
                              f"{labels.min().item()}..{labels.max().item()}")
-        rows = self.pooled(features)
+        rows = self.pooled(features) if self.view == "augmented" else self.take_plain_rows(
+            len(labels))
         if not torch.isfinite(rows).all():
             raise FloatingPointError("LabelSieve got non-finite features: the layers before it "
                                      "diverged (lower the learning rate)")
@@ -407,6 +447,18 @@ class LabelSieve(nn.Module):
             features.dtype)
         mask = flagged.view(-1, *([1] * (features.dim() - 1)))
         return torch.where(mask, keep, features)
+
+    def take_plain_rows(self, count: int) -> torch.Tensor:
+        """The unaugmented features :class:`HandLabels` handed over for this forward."""
+        rows, self.plain_rows = self.plain_rows, None
+        if rows is None:
+            raise RuntimeError("LabelSieve(view='plain') reads the features of the batch's "
+                               "unaugmented images and none were handed over: train with the "
+                               "HandLabels hook (eigenguard.sieve.HandLabels)")
+        if len(rows) != count:
+            raise ValueError(f"LabelSieve got {len(rows)} unaugmented rows for a batch of "
+                             f"{count}")
+        return rows
 
     def foreign_rows(self, rows: torch.Tensor, labels: torch.Tensor,
                      sides: torch.Tensor) -> torch.Tensor:
@@ -458,6 +510,32 @@ def find_sieves(model: nn.Module) -> list[LabelSieve]:
     return [module for module in model.modules() if isinstance(module, LabelSieve)]
 
 
+def unaugmented_pass(model: nn.Module, data, batch: Batch, layers: list[LabelSieve]) -> None:
+    """Run ``model`` on the batch's samples as stored (no crop, no flip) until every layer of
+    ``layers`` has captured its features; no gradient, and every buffer (BatchNorm's running
+    statistics, EigenGuard's running subspace) restored after it, so training is unchanged."""
+    images = data.images[batch.indices].to(batch.images.device).float().div_(255)
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    pending = list(layers)
+    for layer in layers:
+        layer.capturing = pending
+    try:
+        with torch.no_grad():
+            model(normalize(images, data.mean, data.std))
+    except PlainPassDone:
+        pass
+    finally:
+        for layer in layers:
+            layer.capturing = None
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    missing = [layer for layer in layers if layer.plain_rows is None]
+    if missing:
+        raise RuntimeError("the unaugmented pass did not reach every LabelSieve: is each one "
+                           "part of the model's forward?")
+
+
 class HandLabels(TrainHook):
     """Hands each training batch's labels (as trained on, after every other hook) to the model's
     sieves before its forward pass, and keeps the training indices each one flagged in the last
@@ -480,6 +558,9 @@ class HandLabels(TrainHook):
     def on_batch(self, state: TrainState, batch: Batch) -> Batch:
         for layer in self.layers:
             layer.set_labels(batch.labels)
+        plain = [layer for layer in self.layers if layer.view == "plain"]
+        if plain:
+            unaugmented_pass(state.model, state.data, batch, plain)
         return batch
 
     def loss(self, state, batch, logits, losses, loss):

@@ -47,9 +47,10 @@ class SieveDefense(Defense):
     row_margin: float = 1.0
     action: str = "hold"
     unlearn_weight: float = 1.0
+    view: str = "augmented"
 
     later_settings = {"statistic": "mixing", "row_margin": 1.0, "action": "hold",
-                      "unlearn_weight": 1.0}
+                      "unlearn_weight": 1.0, "view": "augmented"}
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
@@ -58,7 +59,7 @@ class SieveDefense(Defense):
         return dict(pool=self.pool, momentum=self.momentum, threshold=self.threshold,
                     margin=self.margin, warmup=self.warmup, patience=self.patience,
                     statistic=self.statistic, row_margin=self.row_margin,
-                    action=self.action, unlearn_weight=self.unlearn_weight)
+                    action=self.action, unlearn_weight=self.unlearn_weight, view=self.view)
 
     def prepare_model(self, model):
         sieve(model, self.after, class_count(model), **self.layer_settings())
