@@ -5,7 +5,8 @@ features after ``layer2`` are captured twice: from the training forward (augment
 the layer sees today) and from a second forward of the same samples without augmentation (no
 gradient; the BatchNorm buffers restored after it, so training is the run's). Each stream feeds
 its own LabelSieve (the statistic given, default mixing; it only measures here, never flags).
-Per window of 10 batches: each stream's score of the poison label and of the highest clean label.
+Per window of 10 batches: each stream's score of the poison label and of the highest clean label,
+and the leading label's score over the next one's (what the layer's margin is compared with).
 
     PYTHONPATH=src .venv/bin/python scripts/sieve-probes/plain-copy-scores.py 201451d5 2 [STATISTIC]
 
@@ -93,7 +94,7 @@ def main() -> None:
     target = config.target
     print(f"{run.key[:8]} {config.attack} {config.poison_ratio:g}, {statistic} after layer2; per "
           f"window of {WINDOW} batches, at its end: target label's score / highest other label "
-          f"(which)")
+          f"(which), leader over second")
     for end in range(WINDOW - 1, len(streams.rows), WINDOW):
         epoch, scores = streams.rows[end]
         cells = []
@@ -102,7 +103,9 @@ def main() -> None:
             others = score.clone()
             others[target] = -1
             best = int(others.argmax())
-            cells.append(f"{name} {float(score[target]):.2f} / {float(score[best]):.2f} ({best})")
+            top = score.topk(2)
+            cells.append(f"{name} {float(score[target]):.2f} / {float(score[best]):.2f} ({best}), "
+                         f"lead {float(top.values[0] / top.values[1]):.2f}")
         print(f"  epoch {epoch}, batch {end + 1:3d}: " + " | ".join(cells))
 
 
