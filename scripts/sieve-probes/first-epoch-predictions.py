@@ -13,18 +13,10 @@ import sys
 
 import torch
 
-from eigenguard.data.registry import dataset_info
-from eigenguard.experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
-                                   poison_training_set)
-from eigenguard.seeding import stream_seed
-from eigenguard.store import ResultStore
-from eigenguard.train import Augmentation, TrainHook, train
+from eigenguard.train import TrainHook
+from probe_data import ReplayOver, replay_training
 
 WINDOW = 10
-
-
-class EpochOver(Exception):
-    """Raised to end the replay after the first epoch."""
 
 
 class KeepPredictions(TrainHook):
@@ -37,7 +29,7 @@ class KeepPredictions(TrainHook):
         return loss
 
     def on_epoch_end(self, state, record):
-        raise EpochOver
+        raise ReplayOver
 
 
 def share(mask: torch.Tensor) -> float:
@@ -45,23 +37,10 @@ def share(mask: torch.Tensor) -> float:
 
 
 def main() -> None:
-    store = ResultStore("results/results.sqlite")
-    run = store.find_runs(sys.argv[1])[0]
-    config = RunConfig.from_dict(run.config)
-    splits = load_run_splits(run, None)[1]
-    poisoned = poison_training_set(load_run_attack(store, run), config, splits.train)
-    info = dataset_info(config.dataset)
-    torch.manual_seed(stream_seed(config.seed, "init"))
-    model = build_model(config, splits.train)
-    keep = KeepPredictions(poisoned.is_poisoned)
-    try:
-        train(model, poisoned.data, config.train, seed=stream_seed(config.seed, "train"),
-              augmentation=Augmentation(info.crop_padding, info.flip), hooks=[keep],
-              progress=False)
-    except EpochOver:
-        pass
+    config, _, keep = replay_training(
+        sys.argv[1], lambda model, poisoned, info: KeepPredictions(poisoned.is_poisoned))
     target = config.target
-    print(f"{run.key[:8]} {config.attack}, epoch 1 ({len(keep.batches)} batches); "
+    print(f"{sys.argv[1][:8]} {config.attack}, epoch 1 ({len(keep.batches)} batches); "
           "per label: share of its rows predicted as another class")
     for first in range(0, len(keep.batches), WINDOW):
         labels, predicted, bad = (torch.cat(parts) for parts in

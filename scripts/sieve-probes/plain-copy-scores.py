@@ -17,19 +17,15 @@ import sys
 import torch
 
 from eigenguard.data import normalize
-from eigenguard.data.registry import dataset_info
-from eigenguard.experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
-                                   poison_training_set)
-from eigenguard.seeding import stream_seed
 from eigenguard.sieve import LabelSieve
-from eigenguard.store import ResultStore
-from eigenguard.train import Augmentation, TrainHook, train
+from eigenguard.train import TrainHook
+from probe_data import ReplayOver, replay_training
 
 WINDOW = 10
 
 
 class Stop(Exception):
-    """Ends a forward pass once the stage's features are captured, or the replay."""
+    """Ends a forward pass once the stage's features are captured."""
 
 
 class TwoStreams(TrainHook):
@@ -70,29 +66,16 @@ class TwoStreams(TrainHook):
 
     def on_epoch_end(self, state, record):
         if state.epoch >= self.epochs:
-            raise Stop
+            raise ReplayOver
 
 
 def main() -> None:
     key, epochs = sys.argv[1], int(sys.argv[2])
     statistic = sys.argv[3] if len(sys.argv) > 3 else "mixing"
-    store = ResultStore("results/results.sqlite")
-    run = store.find_runs(key)[0]
-    config = RunConfig.from_dict(run.config)
-    splits = load_run_splits(run, None)[1]
-    poisoned = poison_training_set(load_run_attack(store, run), config, splits.train)
-    info = dataset_info(config.dataset)
-    torch.manual_seed(stream_seed(config.seed, "init"))
-    model = build_model(config, splits.train)
-    streams = TwoStreams(model, poisoned.data, info.num_classes, statistic, epochs)
-    try:
-        train(model, poisoned.data, config.train, seed=stream_seed(config.seed, "train"),
-              augmentation=Augmentation(info.crop_padding, info.flip), hooks=[streams],
-              progress=False)
-    except Stop:
-        pass
+    config, _, streams = replay_training(key, lambda model, poisoned, info: TwoStreams(
+        model, poisoned.data, info.num_classes, statistic, epochs))
     target = config.target
-    print(f"{run.key[:8]} {config.attack} {config.poison_ratio:g}, {statistic} after layer2; per "
+    print(f"{key[:8]} {config.attack} {config.poison_ratio:g}, {statistic} after layer2; per "
           f"window of {WINDOW} batches, at its end: target label's score / highest other label "
           f"(which), leader over second")
     for end in range(WINDOW - 1, len(streams.rows), WINDOW):

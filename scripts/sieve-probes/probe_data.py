@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from eigenguard.data.registry import dataset_info
 from eigenguard.experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
                                    poison_training_set)
+from eigenguard.seeding import stream_seed
 from eigenguard.store import ResultStore
+from eigenguard.train import Augmentation, train
 
 
 @dataclass
@@ -46,3 +49,29 @@ def load_from_arguments() -> ProbeData:
     return ProbeData(store, run, config, splits, stage, [int(e) for e in epochs.split(",")],
                      poisoned.data.images[chosen], poisoned.data.labels[chosen],
                      poisoned.is_poisoned[chosen])
+
+
+class ReplayOver(Exception):
+    """Raised by a replay's hook to end the replayed training."""
+
+
+def replay_training(key: str, make_hook):
+    """Replay a stored run's training (same poisoned set, seeds, schedule and augmentation) with
+    the hook ``make_hook(model, poisoned, info)`` builds, until the hook raises
+    :class:`ReplayOver` or training ends. Returns (config, poisoned set, hook)."""
+    store = ResultStore("results/results.sqlite")
+    run = store.find_runs(key)[0]
+    config = RunConfig.from_dict(run.config)
+    splits = load_run_splits(run, None)[1]
+    poisoned = poison_training_set(load_run_attack(store, run), config, splits.train)
+    info = dataset_info(config.dataset)
+    torch.manual_seed(stream_seed(config.seed, "init"))
+    model = build_model(config, splits.train)
+    hook = make_hook(model, poisoned, info)
+    try:
+        train(model, poisoned.data, config.train, seed=stream_seed(config.seed, "train"),
+              augmentation=Augmentation(info.crop_padding, info.flip), hooks=[hook],
+              progress=False)
+    except ReplayOver:
+        pass
+    return config, poisoned, hook
