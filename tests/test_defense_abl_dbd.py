@@ -75,7 +75,7 @@ def poison_share(mask_or_indices, poison_indices, size) -> float:
 
 def test_local_gradient_ascent_descends_above_gamma_and_ascends_below():
     losses = torch.tensor([0.2, 0.4, 0.9, 1.5], requires_grad=True)
-    value = local_gradient_ascent(losses, gamma=0.5)
+    value = local_gradient_ascent(losses, gamma=0.5, reduction="sample")
     assert value.item() == pytest.approx((-0.2 - 0.4 + 0.9 + 1.5) / 4)
     value.backward()
     assert losses.grad.tolist() == [-0.25, -0.25, 0.25, 0.25]  # below gamma: ascent

@@ -77,7 +77,7 @@ LOSS_REDUCTIONS = ("batch", "sample")
 
 
 def local_gradient_ascent(losses: torch.Tensor, gamma: float,
-                          reduction: str = "sample") -> torch.Tensor:
+                          reduction: str = "batch") -> torch.Tensor:
     """The flooded loss. ``"sample"``: ``mean(sign(l - gamma) * l)``, descent on the samples
     above ``gamma`` and ascent on those below. ``"batch"``: ``sign(m - gamma) * m`` with ``m``
     the batch's mean loss, descent on every sample while the batch's mean is above ``gamma``."""
