@@ -442,27 +442,21 @@ class _Driver:
         self.in_flight.clear()
 
     def _claim(self, item: PlannedRun):
-        # an undefended run waited for is trained again if its weights are not in the store
-        force = item.key in self.plan.references and not is_trained(
-            self.store, self.store.get_run(item.key))
-        return self.store.claim(item.key, item.setup_key, item.config.resolved(), self.versions,
-                                self.commit, self.description, force=force)
-
-    def _threads_for(self, item: PlannedRun) -> int:
-        """The CPU threads a task trains with: the executor's, except for an undefended run
-        trained again for its weights, which must reproduce its record and so uses the thread
-        count it was recorded with (the count changes the order of floating-point sums)."""
-        if item.key in self.plan.references:
-            stored = self.store.get_run(item.key)
-            if stored is not None and not is_trained(self.store, stored):
-                return recorded_threads(stored) or self.executor.threads
-        return self.executor.threads
+        """Claim the run; (claim, CPU threads to train with). An undefended run waited for is
+        trained again if its weights are not in the store, on the thread count it was recorded
+        with (the count changes the order of floating-point sums, so only that one reproduces
+        its record); every other run on the executor's."""
+        stored = self.store.get_run(item.key) if item.key in self.plan.references else None
+        force = item.key in self.plan.references and not is_trained(self.store, stored)
+        threads = (recorded_threads(stored) if force and stored is not None else None)
+        claim = self.store.claim(item.key, item.setup_key, item.config.resolved(), self.versions,
+                                 self.commit, self.description, force=force)
+        return claim, threads or self.executor.threads
 
     def _submit_ready(self) -> None:
         while self.ready and len(self.in_flight) < self.max_in_flight:
             item, state = self.ready.popleft()
-            threads = self._threads_for(item)
-            claim = self._claim(item)
+            claim, threads = self._claim(item)
             if claim.state == "finished":
                 self.log(f"[sweep] {item.key[:8]} was finished meanwhile by another process; "
                          "not run again")
@@ -584,7 +578,7 @@ class _Driver:
 
     def _fail_dependents(self, key: str, reason: str) -> None:
         for item in self.plan.after.pop(key):
-            claim = self._claim(item)
+            claim, _ = self._claim(item)
             if claim.state == "claimed":
                 message = f"the undefended run {key[:8]} of this setup failed: {reason}"
                 self.store.fail(item.key, claim.token, message)
