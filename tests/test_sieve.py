@@ -292,8 +292,45 @@ def test_unlearning_passes_flagged_rows_and_pushes_their_label_down():
     assert HandLabels([layer]).loss(None, Batch, logits, losses, plain) is plain
 
 
+def test_relabelling_trains_flagged_rows_towards_the_best_other_label():
+    """action="relabel": the flagged rows pass unchanged and their cross-entropy is taken
+    against the label the logits rank first once the row's own is left out (here each row's
+    label + 1, ranked second): the loss is that cross-entropy, times the weight, and its
+    gradient raises that label and lowers the row's own; the other rows keep theirs."""
+    layer = LabelSieve(CLASSES, pool=1, warmup=5, action="relabel", unlearn_weight=0.5)
+    batches = list(planted_batches(60))
+    run_layer(layer, batches[:-1])
+    x, y, poisoned = batches[-1]
+    layer.set_labels(y)
+    assert torch.equal(layer(x), x)
+    flagged = layer.flagged_last
+    assert flagged.any() and (flagged == poisoned).float().mean() > 0.95
+    rows = torch.arange(BATCH)
+    second = (y + 1) % CLASSES
+    logits = torch.zeros(BATCH, CLASSES)
+    logits[rows, y] = 3.0
+    logits[rows, second] = 1.0
+    logits.requires_grad_(True)
+    losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    class Batch:
+        labels, indices = y, rows
+
+    total = HandLabels([layer]).loss(None, Batch, logits, losses, losses.mean())
+    moved = torch.nn.functional.cross_entropy(logits.detach(), second, reduction="none")
+    count = int(flagged.sum())
+    expected = (losses.detach()[~flagged].sum() + 0.5 * moved[flagged].sum()) / BATCH
+    assert float(total.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(moved[0]) > 2.0  # the second label at p ≈ 0.11: a real change of target
+    total.backward()
+    assert (logits.grad[rows, second][flagged] < 0).all()  # descent raises the new label
+    assert (logits.grad[rows, y][flagged] > 0).all()  # and lowers the row's own
+    assert (logits.grad[rows, y][~flagged] < 0).all()
+    assert count < BATCH
+
+
 def test_unlearning_settings_are_checked_and_keep_stored_keys():
-    with pytest.raises(ValueError, match="action must be one of hold, unlearn"):
+    with pytest.raises(ValueError, match="action must be one of hold, unlearn, relabel"):
         LabelSieve(CLASSES, action="forget")
     with pytest.raises(ValueError, match="unlearn_weight must be a positive number"):
         LabelSieve(CLASSES, unlearn_weight=0)

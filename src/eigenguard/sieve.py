@@ -41,6 +41,11 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    their cross-entropy by −log(1 − p(label)) (:func:`unlearning_loss`): they push their label's
    probability down, through every layer, so a backdoor learned before its label was flagged
    is unlearned inside the same training run (ABL's idea, with a loss bounded below).
+   With ``action="relabel"`` they pass unchanged too, and the hook trains each towards the
+   label the network itself ranks first among the others (:func:`relabelling_loss`): a
+   triggered image of another class, once its label is suspect, teaches that class instead of
+   nothing, so the training set keeps its poisoned images as clean ones (a self-training step,
+   as DBD's semi-supervised stage does with its unlabelled half).
 
 With ``view="plain"`` the statistics and the rows' judgement use the features of the batch's
 *unaugmented* images instead of the training forward's (the samples are the same; only the
@@ -79,7 +84,7 @@ MAX_DIMS = 1 << 20
 STATISTICS = ("mixing", "spread", "bimodal")
 
 #: what the layer does with a flagged row (see the module docstring)
-ACTIONS = ("hold", "unlearn")
+ACTIONS = ("hold", "unlearn", "relabel")
 
 #: which features the statistics read: the training forward's, or the unaugmented images'
 VIEWS = ("augmented", "plain")
@@ -104,12 +109,14 @@ class LabelSieve(nn.Module):
                              f"unaugmented images), got {view!r}")
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)} (hold: a flagged row "
-                             f"teaches nothing; unlearn: it is trained away from its label), got "
+                             f"teaches nothing; unlearn: it is trained away from its label; "
+                             f"relabel: towards the network's best other label), got "
                              f"{action!r}")
         if not (isinstance(unlearn_weight, (int, float)) and math.isfinite(unlearn_weight)
                 and unlearn_weight > 0):
             raise ValueError(f"unlearn_weight must be a positive number (the weight of a "
-                             f"flagged row's unlearning loss against a clean row's loss), got "
+                             f"flagged row's unlearning or relabelling loss against a clean row's "
+                             f"loss), got "
                              f"{unlearn_weight!r}")
         if not (isinstance(row_margin, (int, float)) and 0 < row_margin <= 1):
             raise ValueError(f"row_margin must be in (0, 1] (a row of the suspect label is flagged "
@@ -441,7 +448,7 @@ class LabelSieve(nn.Module):
         if sides is not None:
             flagged = self.foreign_rows(rows, labels, sides)
         self.flagged_last = flagged
-        if not flagged.any() or self.action == "unlearn":  # unlearning acts on the loss
+        if not flagged.any() or self.action != "hold":  # the other actions act on the loss
             return features
         keep = self._state["side_output"][labels, 1 - sides[labels].clamp(min=0)].to(
             features.dtype)
@@ -498,6 +505,21 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Te
         1, labels[flagged].long().unsqueeze(1)).squeeze(1)
     away = -torch.log1p(-probability.clamp(max=1 - 1e-6))
     return (losses[~flagged].sum() + weight * away.sum()) / len(losses)
+
+
+def relabelling_loss(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor,
+                     flagged: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The batch's loss with each flagged row's cross-entropy taken instead against the label
+    the network ranks first once the row's own label is left out, times ``weight`` (the target
+    is read from the logits without gradient). Averaged over every row, as the plain loss is."""
+    chosen = logits[flagged].float()
+    own = labels[flagged].long()
+    with torch.no_grad():
+        ranked = chosen.detach().clone()
+        ranked[torch.arange(len(own)), own] = -math.inf
+        target = ranked.argmax(1)
+    moved = F.cross_entropy(chosen, target, reduction="none")
+    return (losses[~flagged].sum() + weight * moved.sum()) / len(losses)
 
 
 def sieve(model: nn.Module, after: str, classes: int, **settings) -> LabelSieve:
@@ -564,19 +586,20 @@ class HandLabels(TrainHook):
         return batch
 
     def loss(self, state, batch, logits, losses, loss):
-        unlearn = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
-        weight = 1.0
+        acted = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
+        weight, action = 1.0, "hold"
         for layer in self.layers:
             if layer.flagged_last is not None and layer.flagged_last.any():
                 rows = layer.flagged_last.cpu()
                 self.flagged_epoch.append(batch.indices[rows])
                 self.flagged_total += int(rows.sum())
-                if layer.action == "unlearn":
-                    unlearn |= layer.flagged_last.to(losses.device)
-                    weight = layer.unlearn_weight
-        if not unlearn.any():
+                if layer.action != "hold":
+                    acted |= layer.flagged_last.to(losses.device)
+                    weight, action = layer.unlearn_weight, layer.action
+        if not acted.any():
             return loss
-        return unlearning_loss(logits, batch.labels.to(logits.device), losses, unlearn, weight)
+        replace = unlearning_loss if action == "unlearn" else relabelling_loss
+        return replace(logits, batch.labels.to(logits.device), losses, acted, weight)
 
     def on_epoch_end(self, state: TrainState, record: dict) -> None:
         record["sieve_flagged"] = int(sum(len(rows) for rows in self.flagged_epoch))
