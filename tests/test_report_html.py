@@ -169,3 +169,18 @@ def test_the_page_shows_what_the_detectors_flagged(tmp_path):
     assert 'id="detection"' in page
     assert ("<td>badnets</td><td class=num>10%</td><td>ss</td><td class=num>1</td>"
             "<td class=num>30.0</td><td class=num>2.0</td><td class=num>300</td>") in page
+
+
+def test_every_defense_of_a_large_comparison_gets_its_own_colour():
+    """The comparison grid plots 13 defenses beside the undefended column: no colour repeats
+    (tab10 alone would give three pairs of defenses one colour each)."""
+    from types import SimpleNamespace
+
+    from eigenguard.report_html import NO_DEFENSE_COLOR, _colors
+    from eigenguard.report_tables import NO_DEFENSE
+
+    names = [NO_DEFENSE] + [f"defense-{i}" for i in range(13)]
+    table = SimpleNamespace(columns=[SimpleNamespace(name=name) for name in names])
+    colors = _colors([table])
+    assert colors[NO_DEFENSE] == NO_DEFENSE_COLOR
+    assert len(set(colors.values())) == len(names) == 14

@@ -40,9 +40,11 @@ from .store import ResultStore, StoredRun
 
 DPI = 110
 NO_DEFENSE_COLOR = "#4d4d4d"
-#: tab10 without its grey (kept for the undefended column)
+#: tab10 without its grey (kept for the undefended column), then tab20's lighter shades without
+#: theirs: 18 defenses get distinct colours (the comparison grid has 13)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#bcbd22", "#17becf")
+           "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+           "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 PROTOCOL_COLORS = {"triggered": "#d62728", "mixed": "#ff7f0e", "single": "#9467bd",
                    "running": "#2ca02c"}
