@@ -489,6 +489,7 @@ pre.command { background: #f3f3f5; padding: 6px 10px; border-radius: 4px; margin
 p.legend { font-size: 13.5px; color: #444; max-width: 1100px; }
 nav { font-size: 14px; margin: 14px 0 0; }
 nav a { margin-right: 14px; }
+div.scroll { overflow-x: auto; max-width: 100%; }
 table.results { border-collapse: collapse; margin: 6px 0 4px; font-size: 14px; }
 table.results caption { caption-side: top; text-align: left; font-size: 14px; padding: 0 0 6px;
                         max-width: 1100px; }
@@ -527,7 +528,7 @@ def table_html(table: Table, number: int) -> str:
         protocol = (f'<span class="protocol">[{_e(column.protocol)}]{PROTOCOL_MARK}</span>'
                     if column.batch_dependent else "")
         head.append(f"<th>{_e(column.name)}{protocol}</th>")
-    parts = [f'<table class="results" id="table-{number}">',
+    parts = [f'<div class="scroll"><table class="results" id="table-{number}">',
              f"<caption><b>Table {number}.</b> {_e(table.caption)}.</caption>",
              "<thead><tr>" + "".join(head) + "</tr></thead>"]
     rows_of: dict[str, list] = {}
@@ -552,7 +553,7 @@ def table_html(table: Table, number: int) -> str:
                 cells.append(f'<td class="num{" best" if bold else ""}">{shown}</td>')
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</tbody>")
-    parts.append("</table>")
+    parts.append("</table></div>")  # a wide comparison scrolls inside the page, not past it
     if table.footnotes:
         parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in table.footnotes)
                      + "</ul>")
