@@ -12,6 +12,8 @@ from eigenguard.models import create_model
 from eigenguard.sieve import HandLabels, LabelSieve, find_sieves, sieve
 
 CLASSES, WIDTH, BATCH = 10, 32, 128
+#: the sieve defense's defaults before validation chose spread / unlearn / plain
+FIRST_DEFAULTS = {"statistic": "mixing", "action": "hold", "view": "augmented"}
 
 
 def planted_batches(steps: int, *, poison: float = 0.1, shift: float = 1.0, clean_label=False,
@@ -223,13 +225,28 @@ def test_the_spread_statistic_flags_nothing_in_clean_or_clean_label_data():
         assert tp == 0 and fp == 0 and not layer.suspect.any()
 
 
+def test_the_defense_defaults_are_the_validation_choice_and_the_first_keep_their_key():
+    """Plain ``sieve`` is now the setting validation chose; its runs share their keys with the
+    runs that named it (docs/SIEVE.md), and runs at the first defaults keep theirs."""
+    chosen = {"statistic": "spread", "action": "unlearn", "view": "plain"}
+    default = RunConfig(defense="sieve")
+    assert default.resolved() == RunConfig(defense="sieve", defense_settings=chosen).resolved()
+    assert default.key("d") == RunConfig(defense="sieve", defense_settings=chosen).key("d")
+    first = RunConfig(defense="sieve", defense_settings=FIRST_DEFAULTS)
+    assert first.key("fixed-fingerprint") == "5353a4ca885f76da"
+    assert first.build_defense().label() == ("sieve(statistic=mixing, action=hold, "
+                                             "view=augmented)")
+    assert default.build_defense().label() == "sieve"
+
+
 def test_the_statistic_setting_keeps_stored_sieve_runs_keys():
     # Guards the keys of the sieve runs stored before the setting existed: the value was
     # computed with the code before it (RunConfig with the fingerprint "fixed-fingerprint").
-    default = RunConfig(defense="sieve")
+    default = RunConfig(defense="sieve", defense_settings=FIRST_DEFAULTS)
     assert default.key("fixed-fingerprint") == "5353a4ca885f76da"
     assert not {"statistic", "row_margin"} & set(default.resolved()["defense_settings"])
-    spread = RunConfig(defense="sieve", defense_settings={"statistic": "spread"})
+    spread = RunConfig(defense="sieve", defense_settings={**FIRST_DEFAULTS,
+                                                          "statistic": "spread"})
     assert spread.resolved()["defense_settings"]["statistic"] == "spread"
     assert spread.key("d") != default.key("d")
     assert RunConfig.from_dict(spread.resolved()).key("d") == spread.key("d")
@@ -334,9 +351,10 @@ def test_unlearning_settings_are_checked_and_keep_stored_keys():
         LabelSieve(CLASSES, action="forget")
     with pytest.raises(ValueError, match="unlearn_weight must be a positive number"):
         LabelSieve(CLASSES, unlearn_weight=0)
-    default = RunConfig(defense="sieve")
+    default = RunConfig(defense="sieve", defense_settings=FIRST_DEFAULTS)
     assert default.key("fixed-fingerprint") == "5353a4ca885f76da"  # as before the settings
-    unlearn = RunConfig(defense="sieve", defense_settings={"action": "unlearn"})
+    unlearn = RunConfig(defense="sieve", defense_settings={**FIRST_DEFAULTS,
+                                                           "action": "unlearn"})
     assert unlearn.key("d") != default.key("d")
 
 
@@ -409,7 +427,7 @@ def test_the_plain_view_needs_the_hook_and_a_known_name():
     layer.set_labels(torch.zeros(4, dtype=torch.long))
     with pytest.raises(RuntimeError, match="unaugmented images and none were handed over"):
         layer(torch.randn(4, WIDTH, 1, 1))
-    default = RunConfig(defense="sieve")
+    default = RunConfig(defense="sieve", defense_settings=FIRST_DEFAULTS)
     assert default.key("fixed-fingerprint") == "5353a4ca885f76da"  # as before the setting
-    plain = RunConfig(defense="sieve", defense_settings={"view": "plain"})
+    plain = RunConfig(defense="sieve", defense_settings={**FIRST_DEFAULTS, "view": "plain"})
     assert plain.key("d") != default.key("d")
