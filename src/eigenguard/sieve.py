@@ -115,9 +115,8 @@ class LabelSieve(nn.Module):
         if not (isinstance(unlearn_weight, (int, float)) and math.isfinite(unlearn_weight)
                 and unlearn_weight > 0):
             raise ValueError(f"unlearn_weight must be a positive number (the weight of a "
-                             f"flagged row's unlearning or relabelling loss against a clean row's "
-                             f"loss), got "
-                             f"{unlearn_weight!r}")
+                             f"flagged row's unlearning or relabelling loss against a clean "
+                             f"row's loss), got {unlearn_weight!r}")
         if not (isinstance(row_margin, (int, float)) and 0 < row_margin <= 1):
             raise ValueError(f"row_margin must be in (0, 1] (a row of the suspect label is flagged "
                              f"when its distance to another label's mean is below row_margin "
@@ -504,7 +503,14 @@ def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Te
     probability = logits[flagged].float().softmax(1).gather(
         1, labels[flagged].long().unsqueeze(1)).squeeze(1)
     away = -torch.log1p(-probability.clamp(max=1 - 1e-6))
-    return (losses[~flagged].sum() + weight * away.sum()) / len(losses)
+    return with_flagged_losses(losses, flagged, away, weight)
+
+
+def with_flagged_losses(losses: torch.Tensor, flagged: torch.Tensor, replaced: torch.Tensor,
+                        weight: float) -> torch.Tensor:
+    """The batch's mean loss with the flagged rows' losses swapped for ``weight`` × ``replaced``
+    (one per flagged row): averaged over every row, as the plain loss is."""
+    return (losses[~flagged].sum() + weight * replaced.sum()) / len(losses)
 
 
 def relabelling_loss(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor,
@@ -514,12 +520,10 @@ def relabelling_loss(logits: torch.Tensor, labels: torch.Tensor, losses: torch.T
     is read from the logits without gradient). Averaged over every row, as the plain loss is."""
     chosen = logits[flagged].float()
     own = labels[flagged].long()
-    with torch.no_grad():
-        ranked = chosen.detach().clone()
-        ranked[torch.arange(len(own)), own] = -math.inf
-        target = ranked.argmax(1)
-    moved = F.cross_entropy(chosen, target, reduction="none")
-    return (losses[~flagged].sum() + weight * moved.sum()) / len(losses)
+    ranked = chosen.detach().clone()
+    ranked[torch.arange(len(own)), own] = -math.inf
+    moved = F.cross_entropy(chosen, ranked.argmax(1), reduction="none")
+    return with_flagged_losses(losses, flagged, moved, weight)
 
 
 def sieve(model: nn.Module, after: str, classes: int, **settings) -> LabelSieve:

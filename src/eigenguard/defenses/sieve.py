@@ -5,9 +5,10 @@ Threat model: EigenGuard's. No clean data, no extra training stage; the trainer 
 for the hook (:class:`eigenguard.sieve.HandLabels`), which reads the labels the batch is trained
 on, runs the layers before the sieve once more on the batch's unaugmented images (the default
 ``view="plain"``; no gradient, buffers restored) and, with the default ``action="unlearn"``,
-replaces the flagged rows' loss by the unlearning loss. The layer is the identity at evaluation, so the model is batch-independent
-and the standard ``triggered`` protocol applies. The training samples the layer flagged in the
-last epoch are the defense's detection (the harness scores them against the poison it knows).
+replaces the flagged rows' loss by the unlearning loss. The layer is the identity at
+evaluation, so the model is batch-independent and the standard ``triggered`` protocol applies.
+The training samples the layer flagged in the last epoch are the defense's detection (the
+harness scores them against the poison it knows).
 """
 from __future__ import annotations
 
