@@ -116,7 +116,8 @@ def test_bad_settings_and_inputs_are_named():
                            ({"momentum": 0}, "momentum"), ({"threshold": math.nan}, "threshold"),
                            ({"warmup": -1}, "warmup"), ({"patience": 0}, "patience"),
                            ({"margin": 0.9}, "margin"), ({"statistic": "kurtosis"}, "statistic"),
-                           ({"row_margin": 0}, "row_margin"), ({"row_margin": 1.5}, "row_margin")]:
+                           ({"row_margin": 0}, "row_margin"), ({"row_margin": 1.5}, "row_margin"),
+                           ({"row_rule": "kmeans"}, "row_rule")]:
         with pytest.raises(ValueError, match=word):
             LabelSieve(**{"classes": CLASSES, **settings})
     layer = LabelSieve(CLASSES).train()
@@ -271,6 +272,54 @@ def test_a_row_margin_flags_fewer_rows_of_the_suspect_label():
     (tp1, poisoned, fp1, clean), (tp2, _, fp2, _) = counts[1.0], counts[0.5]
     assert tp1 == tp2 == poisoned  # measured: every poisoned row, either way
     assert fp1 > 400 and fp2 < fp1 / 5  # measured 562 and 52 (of 18,727 clean rows)
+
+
+def look_alike_batches(steps: int, shift: float = 4.0):
+    """planted_batches' setting, but class 6's centre a tenth of the way from class 0's (a
+    class that resembles the target's, as shirts do T-shirts) and a larger trigger offset."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(CLASSES, WIDTH, generator=g) * 3
+    centres[6] = centres[0] + 0.1 * (centres[6] - centres[0])
+    for _ in range(steps):
+        y = torch.randint(0, CLASSES, (BATCH,), generator=g)
+        poisoned = (torch.rand(BATCH, generator=g) < 0.1) & (y != 0)
+        x = centres[y] + torch.randn(BATCH, WIDTH, generator=g)
+        x[poisoned] += shift
+        yield x.view(BATCH, WIDTH, 1, 1), torch.where(poisoned, torch.zeros_like(y), y), \
+            poisoned, y
+
+
+def test_the_side_rule_flags_the_look_alike_class_the_foreign_rule_misses():
+    """A triggered image of a class that resembles the target's lies about as near the label's
+    clean side as its own class's mean, so the foreign rule flags only part of it, and flags
+    clean rows of the label that lie near that class instead; the triggered image carries the
+    poison side's offset, so the side rule flags it, and keeps the clean rows."""
+    counts = {}
+    for rule in ("foreign", "side"):
+        layer = LabelSieve(CLASSES, pool=1, warmup=20, statistic="spread",
+                           row_rule=rule).train()
+        look_alike = [0, 0]  # poisoned class-6 rows flagged, all of them
+        others, clean_flagged = [0, 0], 0
+        for step, (x, y, poisoned, true) in enumerate(look_alike_batches(200)):
+            layer.set_labels(y)
+            layer(x)
+            if step < 40:
+                continue
+            flagged = layer.flagged_last
+            mine = poisoned & (true == 6)
+            look_alike[0] += int((flagged & mine).sum())
+            look_alike[1] += int(mine.sum())
+            others[0] += int((flagged & poisoned & ~mine).sum())
+            others[1] += int((poisoned & ~mine).sum())
+            clean_flagged += int((flagged & ~poisoned).sum())
+        assert layer.flagged_sides()[0] >= 0  # label 0 found either way
+        counts[rule] = (look_alike[0] / look_alike[1], others[0] / others[1], clean_flagged)
+    foreign, side = counts["foreign"], counts["side"]
+    assert side[0] > 0.98 and foreign[0] < 0.5  # measured 1.0 and 0.15
+    assert side[1] > 0.98 and foreign[1] > 0.98  # the other classes' poison: both (1.0)
+    # clean rows flagged (of about 20,000): the foreign rule takes the label's own rows that lie
+    # near the look-alike class's mean for foreign (measured 253), the side rule none
+    assert side[2] < 10 and foreign[2] > 100
 
 
 def test_unlearning_passes_flagged_rows_and_pushes_their_label_down():

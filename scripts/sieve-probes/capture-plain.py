@@ -1,10 +1,10 @@
 """Offline probe behind docs/SIEVE.md ("The 5% miss"): replay a stored run's training for EPOCHS
-epochs and keep, for every batch, the features after ``layer2`` of the batch's *unaugmented*
-images (what the sieve's default ``view="plain"`` reads), the labels trained on and which rows
-are poisoned (harness ground truth, for scoring only). Statistics can then be replayed over the
-saved batches in seconds (``sieve-statistics.py``) instead of a training run per candidate.
-Before the sieve flags anything its run trains exactly as the undefended run does, so a replay
-of either is what the layer saw up to its first suspicion.
+epochs and keep, for every batch, the features after ``layer2`` of the batch's *unaugmented* images
+(what the sieve's default ``view="plain"`` reads), the labels trained on, which rows are poisoned
+and their true classes (harness ground truth, for scoring only). Statistics can then be replayed
+over the saved batches in seconds (``sieve-statistics.py``) instead of a training run per
+candidate. Before the sieve flags anything its run trains exactly as the undefended run does, so a
+replay of either is what the layer saw up to its first suspicion.
 
     PYTHONPATH=src .venv/bin/python scripts/sieve-probes/capture-plain.py RUN EPOCHS OUT.pt
 
@@ -38,7 +38,8 @@ class CapturePlain(TrainHook):
     def on_batch(self, state, batch):
         data = self.poisoned.data
         self.pending = {"epoch": state.epoch, "labels": batch.labels.clone(),
-                        "poisoned": self.poisoned.is_poisoned[batch.indices].clone()}
+                        "poisoned": self.poisoned.is_poisoned[batch.indices].clone(),
+                        "original": self.poisoned.original_labels[batch.indices].clone()}
         buffers = {name: value.clone() for name, value in self.model.named_buffers()}
         plain = data.images[batch.indices].float().div(255)
         try:

@@ -56,8 +56,9 @@ def main() -> None:
         others[target] = -1
         best = int(others.argmax())
         top = scores.topk(2)
-        print(f"  epoch {row['epoch']} batch {end + 1:3d}: label {target} {float(scores[target]):.3f}"
-              f" | best other {best} {float(scores[best]):.3f} | leader {int(top.indices[0])} "
+        print(f"  epoch {row['epoch']} batch {end + 1:3d}: label {target} "
+              f"{float(scores[target]):.3f} | best other {best} {float(scores[best]):.3f} | "
+              f"leader {int(top.indices[0])} "
               f"by {float(top.values[0] / top.values[1].clamp(min=1e-9)):.2f}")
 
 

@@ -33,7 +33,9 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
 4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at
    least ``threshold`` and ``margin`` times the next label's, ``patience`` batches more than it
    did not, becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect label, the rows nearer
-   another label's running mean than the label's clean side (the lower-scoring one) are flagged: the output rows of its samples are replaced by the
+   another label's running mean than the label's clean side (the lower-scoring one) are flagged
+   (``row_rule="foreign"``; with ``"side"``, the rows nearer the label's flagged side than its
+   clean side, :meth:`LabelSieve.foreign_rows`): the output rows of its samples are replaced by the
    running mean feature of the label's other side, a constant, so the flagged samples pass no
    gradient to the layers before and look like an ordinary sample of their label to the layers
    after (their loss is small). Every other row passes unchanged.
@@ -89,6 +91,9 @@ ACTIONS = ("hold", "unlearn", "relabel")
 #: which features the statistics read: the training forward's, or the unaugmented images'
 VIEWS = ("augmented", "plain")
 
+#: how a row of the suspect label is judged foreign (see :meth:`LabelSieve.foreign_rows`)
+ROW_RULES = ("foreign", "side")
+
 
 class PlainPassDone(Exception):
     """Ends the forward pass of the unaugmented images once every sieve has its features."""
@@ -101,8 +106,13 @@ class LabelSieve(nn.Module):
                  threshold: float = 0.6, margin: float = 1.2, warmup: int = 10,
                  patience: int = 10, statistic: str = "mixing", row_margin: float = 1.0,
                  action: str = "hold", unlearn_weight: float = 1.0,
-                 view: str = "augmented"):
+                 view: str = "augmented", row_rule: str = "foreign"):
         super().__init__()
+        if row_rule not in ROW_RULES:
+            raise ValueError(f"row_rule must be one of {', '.join(ROW_RULES)} (foreign: a row of "
+                             f"the suspect label nearer another label's mean than the label's "
+                             f"clean side is flagged; side: one nearer the label's flagged side "
+                             f"than its clean side), got {row_rule!r}")
         if view not in VIEWS:
             raise ValueError(f"view must be one of {', '.join(VIEWS)} (the features the "
                              f"statistics read: the training forward's, or those of the batch's "
@@ -152,7 +162,7 @@ class LabelSieve(nn.Module):
         self.margin, self.statistic = float(margin), statistic
         self.row_margin = float(row_margin)
         self.action, self.unlearn_weight = action, float(unlearn_weight)
-        self.view = view
+        self.view, self.row_rule = view, row_rule
         self.labels: torch.Tensor | None = None
         self.plain_rows: torch.Tensor | None = None  # the next forward's unaugmented features
         self.capturing: list | None = None  # set while HandLabels runs the unaugmented pass
@@ -163,7 +173,8 @@ class LabelSieve(nn.Module):
                     threshold=self.threshold, margin=self.margin, warmup=self.warmup,
                     patience=self.patience, statistic=self.statistic,
                     row_margin=self.row_margin, action=self.action,
-                    unlearn_weight=self.unlearn_weight, view=self.view)
+                    unlearn_weight=self.unlearn_weight, view=self.view,
+                    row_rule=self.row_rule)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -468,12 +479,17 @@ class LabelSieve(nn.Module):
 
     def foreign_rows(self, rows: torch.Tensor, labels: torch.Tensor,
                      sides: torch.Tensor) -> torch.Tensor:
-        """The rows of the flagged labels that are nearer another label's running mean than
-        their own label's clean side (the side not flagged): other classes' content under the
-        label. Squared distances; ``row_margin`` < 1 asks a row to be that much nearer (fewer
-        clean rows of the label flagged, fewer poisoned ones too). The cut along the top
-        direction names the label and its clean side; the rows
-        are then judged one by one, which a cut alone mixes up where the two groups overlap."""
+        """The rows of the flagged labels judged foreign, one by one (a cut along the top
+        direction alone mixes the two groups up where they overlap; it names the label and
+        its clean side, the side not flagged). With ``row_rule="foreign"``: rows nearer another
+        label's running mean than their own label's clean side (other classes' content under
+        the label); with ``"side"``: rows nearer the label's flagged side's running mean than
+        its clean side's (the two-means assignment in the whole feature space: a triggered
+        image of a class that resembles the label's own, a shirt under the T-shirts' label, is
+        nearer the clean side than any other label's mean but still carries the trigger's
+        offset of the flagged side; docs/SIEVE.md). Squared distances; ``row_margin`` < 1 asks
+        a row to be that much nearer (fewer clean rows of the label flagged, fewer poisoned ones
+        too)."""
         state = self._state
         suspect = sides[labels] >= 0
         flagged = torch.zeros(len(labels), dtype=torch.bool, device=rows.device)
@@ -483,10 +499,14 @@ class LabelSieve(nn.Module):
         own = labels[suspect]
         clean_side = state["side_mean"][own, 1 - sides[own]]
         to_own = ((chosen - clean_side) ** 2).sum(1)
-        to_labels = torch.cdist(chosen, state["mean"]) ** 2  # (n, C)
-        to_labels[torch.arange(len(own)), own] = math.inf  # the own label's mean holds the poison
-        to_labels[:, ~state["seen"]] = math.inf
-        flagged[suspect] = to_labels.min(1).values < self.row_margin * to_own
+        if self.row_rule == "side":
+            to_other = ((chosen - state["side_mean"][own, sides[own]]) ** 2).sum(1)
+        else:
+            to_labels = torch.cdist(chosen, state["mean"]) ** 2  # (n, C)
+            to_labels[torch.arange(len(own)), own] = math.inf  # the own label's mean holds poison
+            to_labels[:, ~state["seen"]] = math.inf
+            to_other = to_labels.min(1).values
+        flagged[suspect] = to_other < self.row_margin * to_own
         return flagged
 
     def _filter_output(self, module, inputs, output):

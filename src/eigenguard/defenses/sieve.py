@@ -55,9 +55,10 @@ class SieveDefense(Defense):
     action: str = "unlearn"
     unlearn_weight: float = 1.0
     view: str = "plain"
+    row_rule: str = "foreign"
 
     later_settings = {"statistic": "mixing", "row_margin": 1.0, "action": "hold",
-                      "unlearn_weight": 1.0, "view": "augmented"}
+                      "unlearn_weight": 1.0, "view": "augmented", "row_rule": "foreign"}
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
@@ -66,7 +67,8 @@ class SieveDefense(Defense):
         return dict(pool=self.pool, momentum=self.momentum, threshold=self.threshold,
                     margin=self.margin, warmup=self.warmup, patience=self.patience,
                     statistic=self.statistic, row_margin=self.row_margin,
-                    action=self.action, unlearn_weight=self.unlearn_weight, view=self.view)
+                    action=self.action, unlearn_weight=self.unlearn_weight, view=self.view,
+                    row_rule=self.row_rule)
 
     def prepare_model(self, model):
         sieve(model, self.after, class_count(model), **self.layer_settings())

@@ -1,0 +1,80 @@
+"""Offline probe behind docs/SIEVE.md ("Where the rest gets through"): which rows of the poison
+label each rule would flag, replayed over the batches ``capture-plain.py`` kept. The layer's
+running state is replayed as in training (the default statistic); from batch FROM on the poison
+label is taken as suspect (its higher-scoring side as the poison side, as the layer takes it)
+and, per batch, its rows are judged by
+
+- ``foreign`` (the layer's rule): nearer another label's running mean than the label's clean
+  side's running mean;
+- ``side``: nearer the poison side's running mean than the clean side's;
+- ``either``: one or the other.
+
+Printed per epoch: the share of the poisoned rows flagged (overall and per true class) and of
+the label's clean rows (the cost). Ground truth for scoring only.
+
+    PYTHONPATH=src .venv/bin/python scripts/sieve-probes/row-rules.py CAPTURE.pt [FROM]
+"""
+import math
+import sys
+from collections import defaultdict
+
+import torch
+
+from eigenguard.sieve import LabelSieve
+
+RULES = ("foreign", "side", "either")
+
+
+def judged(layer: LabelSieve, rows: torch.Tensor, label: int) -> dict[str, torch.Tensor]:
+    state = layer._state
+    poison_side = int(layer.side_scores()[label].nan_to_num(-1).argmax())
+    clean_mean = state["side_mean"][label, 1 - poison_side]
+    poison_mean = state["side_mean"][label, poison_side]
+    to_clean = ((rows - clean_mean) ** 2).sum(1)
+    to_poison = ((rows - poison_mean) ** 2).sum(1)
+    to_labels = torch.cdist(rows, state["mean"]) ** 2
+    to_labels[:, label] = math.inf
+    foreign = to_labels.min(1).values < to_clean
+    side = to_poison < to_clean
+    return {"foreign": foreign, "side": side, "either": foreign | side}
+
+
+def main() -> None:
+    torch.set_grad_enabled(False)
+    capture = torch.load(sys.argv[1])
+    start = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+    target = capture["target"]
+    layer = LabelSieve(10, statistic="spread", warmup=10 ** 9).train()
+    counts = defaultdict(lambda: defaultdict(float))  # (epoch, what) -> rule -> flagged
+    totals = defaultdict(float)  # (epoch, what) -> rows
+    for number, batch in enumerate(capture["batches"], 1):
+        labels, features = batch["labels"], batch["features"]
+        layer.set_labels(labels)
+        layer(features)
+        if number < start:
+            continue
+        mine = labels == target
+        rows = features[mine].double()
+        bad, original = batch["poisoned"][mine], batch["original"][mine]
+        flags = judged(layer, rows, target)
+        groups = {"poisoned": bad, "clean": ~bad}
+        groups.update({f"poisoned class {c}": bad & (original == c)
+                       for c in original[bad].unique().tolist()})
+        for what, members in groups.items():
+            totals[(batch["epoch"], what)] += float(members.sum())
+            for rule, flagged in flags.items():
+                counts[(batch["epoch"], what)][rule] += float((flagged & members).sum())
+    print(f"{capture['key'][:8]} {capture['attack']} {capture['poison_ratio']:g} seed "
+          f"{capture['seed']}: label {target}'s rows flagged from batch {start}, by rule (%)")
+    print("| epoch | rows | " + " | ".join(RULES) + " |")
+    print("|---" * (len(RULES) + 2) + "|")
+    for (epoch, what), total in sorted(totals.items(), key=lambda item: (
+            item[0][0], item[0][1] != "poisoned", item[0][1] != "clean", item[0][1])):
+        if not total:
+            continue
+        cells = [f"{100 * counts[(epoch, what)][rule] / total:.1f}" for rule in RULES]
+        print(f"| {epoch} | {what} ({int(total)}) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
