@@ -30,15 +30,16 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    along its top direction against their own spread (:meth:`LabelSieve.bimodality`: measured
    offline, Blended's label is the most bimodal once its backdoor has formed), put on the side
    with the higher mixing score;
-4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at
-   least ``threshold`` and ``margin`` times the next label's, ``patience`` batches more than it
-   did not, becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect label, the rows nearer
-   another label's running mean than the label's clean side (the lower-scoring one) are flagged
-   (``row_rule="foreign"``; with ``"side"``, the rows nearer the label's flagged side than its
-   clean side, :meth:`LabelSieve.foreign_rows`): the output rows of its samples are replaced by the
-   running mean feature of the label's other side, a constant, so the flagged samples pass no
-   gradient to the layers before and look like an ordinary sample of their label to the layers
-   after (their loss is small). Every other row passes unchanged.
+4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at least
+   ``threshold`` and ``margin`` times the next label's, ``patience`` batches more than it did not,
+   becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect
+   label, the rows nearer another label's running mean than the label's clean side (the
+   lower-scoring one) are flagged (``row_rule="foreign"``; with ``"side"``, the rows nearer the
+   label's flagged side than its clean side; with ``"either"``, both,
+   :meth:`LabelSieve.foreign_rows`): the output rows of its samples are replaced by the running
+   mean feature of the label's other side, a constant, so the flagged samples pass no gradient to
+   the layers before and look like an ordinary sample of their label to the layers after (their
+   loss is small). Every other row passes unchanged.
 5. with ``action="unlearn"`` the flagged rows pass unchanged instead, and the hook replaces
    their cross-entropy by −log(1 − p(label)) (:func:`unlearning_loss`): they push their label's
    probability down, through every layer, so a backdoor learned before its label was flagged
@@ -92,7 +93,7 @@ ACTIONS = ("hold", "unlearn", "relabel")
 VIEWS = ("augmented", "plain")
 
 #: how a row of the suspect label is judged foreign (see :meth:`LabelSieve.foreign_rows`)
-ROW_RULES = ("foreign", "side")
+ROW_RULES = ("foreign", "side", "either")
 
 
 class PlainPassDone(Exception):
@@ -112,7 +113,8 @@ class LabelSieve(nn.Module):
             raise ValueError(f"row_rule must be one of {', '.join(ROW_RULES)} (foreign: a row of "
                              f"the suspect label nearer another label's mean than the label's "
                              f"clean side is flagged; side: one nearer the label's flagged side "
-                             f"than its clean side), got {row_rule!r}")
+                             f"than its clean side; either: one or the other), got "
+                             f"{row_rule!r}")
         if view not in VIEWS:
             raise ValueError(f"view must be one of {', '.join(VIEWS)} (the features the "
                              f"statistics read: the training forward's, or those of the batch's "
@@ -487,7 +489,9 @@ class LabelSieve(nn.Module):
         its clean side's (the two-means assignment in the whole feature space: a triggered
         image of a class that resembles the label's own, a shirt under the T-shirts' label, is
         nearer the clean side than any other label's mean but still carries the trigger's
-        offset of the flagged side; docs/SIEVE.md). Squared distances; ``row_margin`` < 1 asks
+        offset of the flagged side; docs/SIEVE.md); with ``"either"``, rows one or the other
+        rule flags (the side rule alone misses a small patch's poison, whose offset is weak
+        early in training). Squared distances; ``row_margin`` < 1 asks
         a row to be that much nearer (fewer clean rows of the label flagged, fewer poisoned ones
         too)."""
         state = self._state
@@ -499,13 +503,14 @@ class LabelSieve(nn.Module):
         own = labels[suspect]
         clean_side = state["side_mean"][own, 1 - sides[own]]
         to_own = ((chosen - clean_side) ** 2).sum(1)
-        if self.row_rule == "side":
+        to_other = torch.full_like(to_own, math.inf)
+        if self.row_rule in ("side", "either"):
             to_other = ((chosen - state["side_mean"][own, sides[own]]) ** 2).sum(1)
-        else:
+        if self.row_rule in ("foreign", "either"):
             to_labels = torch.cdist(chosen, state["mean"]) ** 2  # (n, C)
             to_labels[torch.arange(len(own)), own] = math.inf  # the own label's mean holds poison
             to_labels[:, ~state["seen"]] = math.inf
-            to_other = to_labels.min(1).values
+            to_other = torch.minimum(to_other, to_labels.min(1).values)
         flagged[suspect] = to_other < self.row_margin * to_own
         return flagged
 
