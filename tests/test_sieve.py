@@ -229,7 +229,7 @@ def test_the_spread_statistic_flags_nothing_in_clean_or_clean_label_data():
 def test_the_defense_defaults_are_the_validation_choice_and_the_first_keep_their_key():
     """Plain ``sieve`` is now the setting validation chose; its runs share their keys with the
     runs that named it (docs/SIEVE.md), and runs at the first defaults keep theirs."""
-    chosen = {"statistic": "spread", "action": "unlearn", "view": "plain"}
+    chosen = {"statistic": "spread", "action": "unlearn", "view": "plain", "row_rule": "either"}
     default = RunConfig(defense="sieve")
     assert default.resolved() == RunConfig(defense="sieve", defense_settings=chosen).resolved()
     assert default.key("d") == RunConfig(defense="sieve", defense_settings=chosen).key("d")
@@ -238,6 +238,11 @@ def test_the_defense_defaults_are_the_validation_choice_and_the_first_keep_their
     assert first.build_defense().label() == ("sieve(statistic=mixing, action=hold, "
                                              "view=augmented)")
     assert default.build_defense().label() == "sieve"
+    # the defaults before the row rule (spread, plain, unlearn, the foreign rule) keep the key
+    # their runs were stored under (computed with the code before the row rule was chosen)
+    second = RunConfig(defense="sieve", defense_settings={"row_rule": "foreign"})
+    assert second.key("fixed-fingerprint") == "091a5542775c3b51"
+    assert second.build_defense().label() == "sieve(row_rule=foreign)"
 
 
 def test_the_statistic_setting_keeps_stored_sieve_runs_keys():

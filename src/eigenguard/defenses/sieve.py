@@ -5,8 +5,10 @@ Threat model: EigenGuard's. No clean data, no extra training stage; the trainer 
 for the hook (:class:`eigenguard.sieve.HandLabels`), which reads the labels the batch is trained
 on, runs the layers before the sieve once more on the batch's unaugmented images (the default
 ``view="plain"``; no gradient, buffers restored) and, with the default ``action="unlearn"``,
-replaces the flagged rows' loss by the unlearning loss. The layer is the identity at
-evaluation, so the model is batch-independent and the standard ``triggered`` protocol applies.
+replaces the flagged rows' loss by the unlearning loss (the rows of the suspect label that the
+foreign rule or the side rule flags: the default ``row_rule="either"``). The layer is the
+identity at evaluation, so the model is batch-independent and the standard ``triggered``
+protocol applies.
 The training samples the layer flagged in the last epoch are the defense's detection (the
 harness scores them against the poison it knows).
 """
@@ -55,7 +57,9 @@ class SieveDefense(Defense):
     action: str = "unlearn"
     unlearn_weight: float = 1.0
     view: str = "plain"
-    row_rule: str = "foreign"
+    # chosen on validation over seeds 0-2 with BadNets and Blended (docs/SIEVE.md): a row is
+    # flagged when the foreign rule or the side rule flags it; runs before it name "foreign"
+    row_rule: str = "either"
 
     later_settings = {"statistic": "mixing", "row_margin": 1.0, "action": "hold",
                       "unlearn_weight": 1.0, "view": "augmented", "row_rule": "foreign"}
