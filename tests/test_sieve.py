@@ -12,8 +12,10 @@ from eigenguard.models import create_model
 from eigenguard.sieve import HandLabels, LabelSieve, find_sieves, sieve
 
 CLASSES, WIDTH, BATCH = 10, 32, 128
-#: the sieve defense's defaults before validation chose spread / unlearn / plain
-FIRST_DEFAULTS = {"statistic": "mixing", "action": "hold", "view": "augmented"}
+#: the sieve defense's defaults before validation chose spread / unlearn / plain (and the row
+#: rule "either")
+FIRST_DEFAULTS = {"statistic": "mixing", "action": "hold", "view": "augmented",
+                  "row_rule": "foreign"}
 
 
 def planted_batches(steps: int, *, poison: float = 0.1, shift: float = 1.0, clean_label=False,
@@ -236,7 +238,7 @@ def test_the_defense_defaults_are_the_validation_choice_and_the_first_keep_their
     first = RunConfig(defense="sieve", defense_settings=FIRST_DEFAULTS)
     assert first.key("fixed-fingerprint") == "5353a4ca885f76da"
     assert first.build_defense().label() == ("sieve(statistic=mixing, action=hold, "
-                                             "view=augmented)")
+                                             "view=augmented, row_rule=foreign)")
     assert default.build_defense().label() == "sieve"
     # the defaults before the row rule (spread, plain, unlearn, the foreign rule) keep the key
     # their runs were stored under (computed with the code before the row rule was chosen)
