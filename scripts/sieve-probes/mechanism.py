@@ -1,9 +1,10 @@
 """Where each trigger's feature shift lies with and without the label sieve (docs/SIEVE.md, "The
-mechanism"): for every attack with a sieve run at the defense's defaults (10% poison, seed 0, the
-grids' budget) and an undefended run of the same setup, both analysed by `eigenguard analyze`,
-the trigger's mean feature shift f(x + t) − f(x) against the clean features' spread
-(`shift_to_spread`) at each stage, the share of it in the clean top 16 directions at `layer4`,
-and the poison label's two-means split accuracy at `layer2`, where the sieve reads the features.
+mechanism"): for every attack with a sieve run at the defense's defaults, or at them with the row
+rule before it was chosen (10% poison, seed 0, the grids' budget) and an undefended run of the same
+setup, both analysed by `eigenguard analyze`, the trigger's mean feature shift f(x + t) − f(x)
+against the clean features' spread (`shift_to_spread`) at each stage, the share of it in the clean
+top 16 directions at `layer4`, and the poison label's two-means split accuracy at `layer2`, where
+the sieve reads the features.
 
     eigenguard analyze RUN ... --samples 500 --no-tsne
     .venv/bin/python scripts/sieve-probes/mechanism.py [--store PATH]
@@ -39,13 +40,18 @@ def setup(config: dict) -> str:
     return json.dumps(rest, sort_keys=True, default=str)
 
 
-def at_defaults(config: dict) -> bool:
-    """A sieve run at the defense's defaults (the stored settings are the resolved ones)."""
+def row_rule(config: dict) -> str | None:
+    """The row rule of a sieve run at the defense's defaults but for its row rule (the stored
+    settings are the resolved ones, less the settings at their value before they existed: a run
+    before the row rule existed names none and used the foreign rule); None for any other run."""
     if config["defense"] != "sieve":
-        return False
+        return None
+    settings = dict(config.get("defense_settings") or {})
+    rule = settings.pop("row_rule", SieveDefense.later_settings["row_rule"])
     defaults = {field.name: field.default for field in dataclasses.fields(SieveDefense)}
-    return all(defaults.get(name) == value
-               for name, value in (config.get("defense_settings") or {}).items())
+    if all(defaults.get(name) == value for name, value in settings.items()):
+        return rule
+    return None
 
 
 def in_scope(config: dict) -> bool:
@@ -65,24 +71,26 @@ def main() -> None:
     rows = []
     for run in runs:
         plain = undefended.get(setup(run.config))
-        if not at_defaults(run.config) or plain is None:
+        rule = row_rule(run.config)
+        if rule is None or plain is None:
             continue
         before, after = analysis(store, plain), analysis(store, run)
         if "layer4.shift_to_spread" not in before or "layer4.shift_to_spread" not in after:
             continue
         rows.append((attack_label(run.config["attack"], run.config.get("attack_settings")),
-                     plain, run, before, after))
-    print("| attack | ASR % none → sieve | mean shift / spread, none → sieve: "
+                     rule, plain, run, before, after))
+    print("| attack | row rule | ASR % none → sieve | mean shift / spread, none → sieve: "
           + " | ".join(f"`{stage}`" for stage in STAGES)
           + " | per-image shift / spread at `layer4` | shift in top 16 at `layer4` % "
             "| poison label split at `layer2` | runs |")
-    print("|---" * (len(STAGES) + 6) + "|")
-    for label, plain, run, before, after in sorted(
-            rows, key=lambda r: r[4]["layer4.shift_to_spread"] / r[3]["layer4.shift_to_spread"]):
+    print("|---" * (len(STAGES) + 7) + "|")
+    for label, rule, plain, run, before, after in sorted(
+            rows, key=lambda r: (r[5]["layer4.shift_to_spread"] / r[4]["layer4.shift_to_spread"],
+                                 r[1])):
         def pair(name: str, scale: float = 1.0, digits: int = 3) -> str:
             return (f"{scale * before.get(name, float('nan')):.{digits}f} → "
                     f"{scale * after.get(name, float('nan')):.{digits}f}")
-        print(f"| {label} | {test_metric(store, plain, 'asr'):.2f} → "
+        print(f"| {label} | {rule} | {test_metric(store, plain, 'asr'):.2f} → "
               f"{test_metric(store, run, 'asr'):.2f} | "
               + " | ".join(pair(f"{stage}.shift_to_spread") for stage in STAGES)
               + f" | {pair('layer4.sample_shift_to_spread')}"
