@@ -14,7 +14,6 @@ the label's clean rows (the cost). Ground truth for scoring only.
 
     PYTHONPATH=src .venv/bin/python scripts/sieve-probes/row-rules.py CAPTURE.pt [FROM]
 """
-import math
 import sys
 from collections import defaultdict
 
@@ -25,18 +24,17 @@ from eigenguard.sieve import LabelSieve
 RULES = ("foreign", "side", "either")
 
 
-def judged(layer: LabelSieve, rows: torch.Tensor, label: int) -> dict[str, torch.Tensor]:
-    state = layer._state
-    poison_side = int(layer.side_scores()[label].nan_to_num(-1).argmax())
-    clean_mean = state["side_mean"][label, 1 - poison_side]
-    poison_mean = state["side_mean"][label, poison_side]
-    to_clean = ((rows - clean_mean) ** 2).sum(1)
-    to_poison = ((rows - poison_mean) ** 2).sum(1)
-    to_labels = torch.cdist(rows, state["mean"]) ** 2
-    to_labels[:, label] = math.inf
-    foreign = to_labels.min(1).values < to_clean
-    side = to_poison < to_clean
-    return {"foreign": foreign, "side": side, "either": foreign | side}
+def judged(layer: LabelSieve, rows: torch.Tensor, labels: torch.Tensor,
+           label: int) -> dict[str, torch.Tensor]:
+    """Each rule's flags over the batch's rows, by the layer's own :meth:`foreign_rows`, with
+    ``label`` taken as suspect and its higher-scoring side as the poison side."""
+    sides = torch.full((layer.classes,), -1, dtype=torch.long)
+    sides[label] = int(layer.side_scores()[label].nan_to_num(-1).argmax())
+    flags = {}
+    for rule in RULES:
+        layer.row_rule = rule
+        flags[rule] = layer.foreign_rows(rows, labels, sides)
+    return flags
 
 
 def main() -> None:
@@ -54,9 +52,9 @@ def main() -> None:
         if number < start:
             continue
         mine = labels == target
-        rows = features[mine].double()
         bad, original = batch["poisoned"][mine], batch["original"][mine]
-        flags = judged(layer, rows, target)
+        flags = {rule: flagged[mine] for rule, flagged in
+                 judged(layer, layer.pooled(features), labels, target).items()}
         groups = {"poisoned": bad, "clean": ~bad}
         groups.update({f"poisoned class {c}": bad & (original == c)
                        for c in original[bad].unique().tolist()})
