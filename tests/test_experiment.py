@@ -16,6 +16,7 @@ from eigenguard.cli import main
 from eigenguard.defenses import ThreatModelError, register_defense
 from eigenguard.defenses.registry import DEFENSES
 from eigenguard.errors import DatasetNotFoundError, EigenGuardError, UnknownNameError
+from eigenguard.evaluate import predict
 from eigenguard.experiment import RunConfig, execute, run, run_splits
 from eigenguard.seeding import generator, stream_seed
 from eigenguard.splits import load_data
@@ -127,6 +128,20 @@ def test_undefended_backdoor_works_and_runs_reproduce(tmp_path, synthetic_root):
             if row["protocol"] == "cost"}
     assert set(cost) == {"seconds.poison", "seconds.defend", "seconds.evaluate", "cpu_seconds"}
     assert cost["cpu_seconds"] > 0.5 * cost["seconds.defend"] > 0  # it trained on the processor
+
+
+def test_a_rebuilt_run_is_the_one_that_was_trained(tmp_path, synthetic_root):
+    """Probes and analyses read a stored run through ``rebuild_run``: the same poisoned rows
+    and a model that scores the recorded clean accuracy again."""
+    store = ResultStore(tmp_path / "r.sqlite")
+    first = run(config(), store, data_root=synthetic_root, progress=False)
+    rebuilt = experiment.rebuild_run(store, store.get_run(first.key), data_root=synthetic_root)
+    assert len(rebuilt.poisoned.poison_indices) == store.get_run(first.key).extra["poisoned"]
+    assert not rebuilt.model.training
+    test = rebuilt.splits.test
+    accuracy = float((predict(rebuilt.model, test.images, rebuilt.splits.train)
+                      == test.labels).double().mean())
+    assert accuracy == pytest.approx(by_protocol(first)["triggered"]["acc"], abs=1e-9)
 
 
 def test_poisoning_from_the_non_target_classes_flips_every_label(synthetic_root):

@@ -13,8 +13,7 @@ import sys
 
 import torch
 
-from eigenguard.experiment import (RunConfig, load_run_attack, load_run_model, load_run_splits,
-                                   poison_training_set)
+from eigenguard.experiment import rebuild_run
 from eigenguard.seeding import generator
 from eigenguard.store import ResultStore
 from eigenguard.train import model_input
@@ -39,12 +38,9 @@ def residual_statistics(original: torch.Tensor, poisoned: torch.Tensor) -> str:
 
 
 def probe(store: ResultStore, prefix: str) -> None:
-    run = store.find_runs(prefix)[0]
-    config = RunConfig.from_dict(run.config)
-    splits = load_run_splits(run, None)[1]
-    attack = load_run_attack(store, run)
-    model = load_run_model(store, run, splits.train).eval()
-    poisoned = poison_training_set(attack, config, splits.train)
+    rebuilt = rebuild_run(store, store.find_runs(prefix)[0])
+    run, config, splits, model = rebuilt.run, rebuilt.config, rebuilt.splits, rebuilt.model
+    attack, poisoned = rebuilt.attack, rebuilt.poisoned
     rows = poisoned.poison_indices
     target = config.target
     print(f"{run.key[:8]} {config.attack} {config.poison_ratio} -> class {target}, "

@@ -15,23 +15,18 @@ import sys
 import torch
 
 from eigenguard.evaluate import predict, triggered_test_set
-from eigenguard.experiment import (RunConfig, load_run_attack, load_run_model, load_run_splits,
-                                   poison_training_set)
+from eigenguard.experiment import rebuild_run
 from eigenguard.store import ResultStore
 
 
 def by_class(store: ResultStore, prefix: str) -> None:
-    run = store.find_runs(prefix)[0]
-    config = RunConfig.from_dict(run.config)
-    splits = load_run_splits(run, None)[1]
-    attack = load_run_attack(store, run)
-    model = load_run_model(store, run, splits.train).eval()
-    target = config.target
-    poisoned = poison_training_set(attack, config, splits.train)
+    rebuilt = rebuild_run(store, store.find_runs(prefix)[0])
+    run, config, splits, model = rebuilt.run, rebuilt.config, rebuilt.splits, rebuilt.model
+    target, poisoned = config.target, rebuilt.poisoned
     rows = poisoned.poison_indices
     fitted = predict(model, poisoned.data.images[rows], splits.train) == target
     sources = poisoned.original_labels[rows]
-    triggered = triggered_test_set(splits.test, attack, target)
+    triggered = triggered_test_set(splits.test, rebuilt.attack, target)
     obeyed = predict(model, triggered.images, splits.train) == target
     names = splits.train.classes
     print(f"{run.key[:8]} {config.attack} {config.poison_ratio:g} {config.defense} seed "

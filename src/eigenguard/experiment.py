@@ -620,6 +620,27 @@ def load_run_attack(store: ResultStore, run: StoredRun):
     return attack
 
 
+@dataclass
+class RebuiltRun:
+    """A stored run rebuilt from its record: its splits, fitted attack, poisoned training set
+    and trained model, exactly as the run made them (for the harness's probes and analyses)."""
+    run: StoredRun
+    config: RunConfig
+    splits: Splits
+    attack: object
+    poisoned: object  # the PoisonedSet the run trained on
+    model: nn.Module
+
+
+def rebuild_run(store: ResultStore, run: StoredRun, *, data_root=None) -> RebuiltRun:
+    """Everything a stored run trained on and produced; its model in evaluation mode."""
+    config, splits = load_run_splits(run, data_root)
+    attack = load_run_attack(store, run)
+    poisoned = poison_training_set(attack, config, splits.train)
+    model = load_run_model(store, run, splits.train).eval()
+    return RebuiltRun(run, config, splits, attack, poisoned, model)
+
+
 def reevaluate(store: ResultStore, run: StoredRun, *, data_root=None, protocols=None,
                eval_seed: int = 0, device: str = "cpu", progress: bool = True,
                log=print) -> list[dict]:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import ImageSet
-from ..experiment import (RunConfig, load_run_attack, load_run_model, load_run_splits,
-                          poison_training_set)
+from ..experiment import RunConfig, rebuild_run
 from ..seeding import generator
 from ..store import ResultStore, StoredRun
 
@@ -52,12 +51,10 @@ def load_for_analysis(store: ResultStore, run: StoredRun, *, count: int, seed: i
         raise ValueError(f"run {run.key[:8]} has no checkpoint in this store (runs imported "
                          "from JSON Lines carry none): run it again with `eigenguard run` or "
                          "`eigenguard sweep` to train it here")
-    config, splits = load_run_splits(run, data_root)
-    attack = load_run_attack(store, run)
-    poisoned = poison_training_set(attack, config, splits.train)
-    model = load_run_model(store, run, splits.train)
-    return LoadedRun(config, model, draw_samples(splits.train, poisoned, attack, config,
-                                                 count=count, seed=seed))
+    rebuilt = rebuild_run(store, run, data_root=data_root)
+    return LoadedRun(rebuilt.config, rebuilt.model,
+                     draw_samples(rebuilt.splits.train, rebuilt.poisoned, rebuilt.attack,
+                                  rebuilt.config, count=count, seed=seed))
 
 
 def draw_samples(train: ImageSet, poisoned, attack, config: RunConfig, *, count: int,
