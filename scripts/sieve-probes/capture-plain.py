@@ -6,7 +6,9 @@ over the saved batches in seconds (``sieve-statistics.py``) instead of a trainin
 candidate. Before the sieve flags anything its run trains exactly as the undefended run does, so a
 replay of either is what the layer saw up to its first suspicion.
 
-    PYTHONPATH=src .venv/bin/python scripts/sieve-probes/capture-plain.py RUN EPOCHS OUT.pt
+    PYTHONPATH=src .venv/bin/python scripts/sieve-probes/capture-plain.py RUN EPOCHS OUT.pt [STAGE]
+
+STAGE (default ``layer2``) names another stage to keep instead (``layer1``: the clean-label probe).
 
 Store: results/results.sqlite.
 """
@@ -24,11 +26,11 @@ class Stop(Exception):
 
 
 class CapturePlain(TrainHook):
-    def __init__(self, model, poisoned, epochs: int):
+    def __init__(self, model, poisoned, epochs: int, stage: str = "layer2"):
         self.model, self.poisoned, self.epochs = model, poisoned, epochs
         self.batches: list[dict] = []
         self.pending: dict | None = None
-        model.layer2.register_forward_hook(self.capture)
+        getattr(model, stage).register_forward_hook(self.capture)
 
     def capture(self, _module, _inputs, output):
         if self.pending is not None:
@@ -61,10 +63,12 @@ class CapturePlain(TrainHook):
 
 def main() -> None:
     key, epochs, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    stage = sys.argv[4] if len(sys.argv) > 4 else "layer2"
     config, _, hook = replay_training(key, lambda model, poisoned, info: CapturePlain(
-        model, poisoned, epochs))
+        model, poisoned, epochs, stage))
     torch.save({"key": key, "attack": config.attack, "poison_ratio": config.poison_ratio,
-                "seed": config.seed, "target": config.target, "batches": hook.batches}, out)
+                "seed": config.seed, "target": config.target, "stage": stage,
+                "batches": hook.batches}, out)
     print(f"{key[:8]}: {len(hook.batches)} batches kept in {out}")
 
 

@@ -17,9 +17,10 @@ import sys
 import torch
 
 from eigenguard.analysis.capture import capture_features
-from eigenguard.analysis.signatures import label_signatures, top_direction, two_means_split
+from eigenguard.analysis.signatures import label_signatures
 from eigenguard.experiment import rebuild_run
 from eigenguard.store import ResultStore
+from probe_data import translation_mixing
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -27,28 +28,6 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 def shift_constancy(shifts: torch.Tensor) -> float:
     shifts = shifts.double()
     return float(shifts.mean(0).pow(2).sum() / shifts.pow(2).sum(1).mean())
-
-
-def translation_mixing(rows: torch.Tensor, neighbours: int = 10) -> float:
-    """Split the rows in two along their top direction, take each side's mean away, and measure
-    how far the two sides mix among each row's nearest neighbours: the share of neighbours from
-    the other side over the share expected if the sides were one distribution. Near 1: one side
-    is the other moved by a constant (a trigger added to images of one class); near 0: the two
-    sides are different shapes (two natural modes of a class)."""
-    rows = rows.double()
-    up = two_means_split(top_direction(rows)[0])
-    if up.all() or not up.any():
-        return float("nan")
-    centred = rows.clone()
-    for side in (up, ~up):
-        centred[side] -= rows[side].mean(0)
-    distances = torch.cdist(centred, centred)
-    distances.fill_diagonal_(float("inf"))
-    nearest = distances.topk(neighbours, largest=False).indices
-    crossing = (up[nearest] != up[:, None]).double().mean(1)
-    share_up = float(up.double().mean())
-    expected = torch.where(up, torch.tensor(1 - share_up), torch.tensor(share_up)).double()
-    return float(crossing.mean() / expected.mean())
 
 
 @torch.no_grad()

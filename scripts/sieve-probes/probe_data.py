@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eigenguard.analysis.signatures import top_direction, two_means_split
 from eigenguard.data.registry import dataset_info
 from eigenguard.experiment import (RunConfig, build_model, load_run_attack, load_run_splits,
                                    poison_training_set)
@@ -75,3 +76,25 @@ def replay_training(key: str, make_hook):
     except ReplayOver:
         pass
     return config, poisoned, hook
+
+
+def translation_mixing(rows: torch.Tensor, neighbours: int = 10) -> float:
+    """Split the rows in two along their top direction, take each side's mean away, and measure
+    how far the two sides mix among each row's nearest neighbours: the share of neighbours from
+    the other side over the share expected if the sides were one distribution. Near 1: one side
+    is the other moved by a constant (a trigger added to images of one class); near 0: the two
+    sides are different shapes (two natural modes of a class)."""
+    rows = rows.double()
+    up = two_means_split(top_direction(rows)[0])
+    if up.all() or not up.any():
+        return float("nan")
+    centred = rows.clone()
+    for side in (up, ~up):
+        centred[side] -= rows[side].mean(0)
+    distances = torch.cdist(centred, centred)
+    distances.fill_diagonal_(float("inf"))
+    nearest = distances.topk(neighbours, largest=False).indices
+    crossing = (up[nearest] != up[:, None]).double().mean(1)
+    share_up = float(up.double().mean())
+    expected = torch.where(up, torch.tensor(1 - share_up), torch.tensor(share_up)).double()
+    return float(crossing.mean() / expected.mean())
