@@ -18,7 +18,7 @@ import torch
 
 from eigenguard.analysis.capture import capture_features
 from eigenguard.analysis.signatures import label_signatures
-from eigenguard.experiment import rebuild_run
+from eigenguard.experiment import RebuiltRun, rebuild_run
 from eigenguard.store import ResultStore
 from probe_data import translation_mixing
 
@@ -31,8 +31,7 @@ def shift_constancy(shifts: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def probe(store: ResultStore, prefix: str) -> None:
-    rebuilt = rebuild_run(store, store.find_runs(prefix)[0])
+def probe(rebuilt: RebuiltRun) -> None:
     config, model, train = rebuilt.config, rebuilt.model, rebuilt.splits.train
     poisoned = rebuilt.poisoned
     rows, mask = poisoned.poison_indices, poisoned.is_poisoned
@@ -63,8 +62,8 @@ def probe(store: ResultStore, prefix: str) -> None:
 
 def main() -> None:
     store = ResultStore("results/results.sqlite")
-    for prefix in sys.argv[1:]:
-        probe(store, prefix)
+    for run in (store.find_runs(prefix)[0] for prefix in sys.argv[1:]):
+        probe(rebuild_run(store, run))
 
 
 if __name__ == "__main__":
