@@ -242,6 +242,30 @@ def test_post_training_defense_retrains_an_imported_backdoored_model(tmp_path, s
     assert len(scores(source)) >= 4 and scores(store) == pytest.approx(scores(source), abs=1e-6)
 
 
+def test_an_interrupted_retraining_keeps_the_imported_record(tmp_path, synthetic_root,
+                                                             monkeypatch):
+    """Stopping `eigenguard analyze` while it trains an imported run again for its weights
+    loses nothing: the run stays finished with its metrics, and the next call trains it."""
+    source = ResultStore(tmp_path / "source.sqlite")
+    undefended = run(config(), source, data_root=synthetic_root, progress=False)
+    export_runs(source, tmp_path / "runs.jsonl")
+    store = ResultStore(tmp_path / "imported.sqlite")
+    import_runs(store, [tmp_path / "runs.jsonl"])
+    recorded = store.metrics(undefended.key)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(), store, data_root=synthetic_root, progress=False, need_checkpoint=True)
+    kept = store.get_run(undefended.key)
+    assert kept.status == "finished" and store.metrics(undefended.key) == recorded
+    monkeypatch.undo()
+    again = run(config(), store, data_root=synthetic_root, progress=False, need_checkpoint=True)
+    assert store.resolve(store.get_run(again.key).checkpoint).is_file()
+
+
 def test_a_run_trained_again_uses_its_recorded_thread_count(tmp_path, synthetic_root,
                                                             monkeypatch):
     # the thread count changes the order of floating-point sums: a retraining on another count

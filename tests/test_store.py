@@ -74,6 +74,59 @@ def test_a_finished_run_is_not_claimed_again_and_force_removes_everything(tmp_pa
     assert store.get_run("abc").status == "running"
 
 
+def finished(store, key="abc", value=0.5):
+    token = claimed(store, key)
+    path = store.write_tensors(f"{key}.safetensors", {"w": torch.ones(2)})
+    store.complete(key, token, status="finished", history=[{"epoch": 1}], wall_seconds=1.0,
+                   metrics=[metric("triggered", "asr", value)], checkpoint=path,
+                   attack_state=None, extra={"threads": 2})
+    return path
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_a_run_trained_again_keeps_its_record_until_the_new_one_is_complete(tmp_path):
+    """Training a finished run again for its weights (an imported run has none) must not lose
+    its recorded metrics if the training is interrupted or killed."""
+    store = ResultStore(tmp_path / "r.sqlite")
+    path = finished(store)
+    retrain = store.claim("abc", "s1", {}, {}, None, "cpu", retrain=True)
+    assert retrain.state == "claimed"
+    assert not (tmp_path / path).exists()  # the files it replaces go at once
+    run = store.get_run("abc")
+    assert run.status == "finished" and run.history == [{"epoch": 1}]
+    assert [m["value"] for m in store.metrics("abc")] == [0.5]
+    store.update_history("abc", retrain.token, [{"epoch": 1, "loss": 9.0}])  # no partial history
+    assert store.get_run("abc").history == [{"epoch": 1}]
+    # the record is what any reader gets meanwhile; a second retraining waits
+    assert store.claim("abc", "s1", {}, {}, None, "cpu").state == "finished"
+    assert store.claim("abc", "s1", {}, {}, None, "cpu", retrain=True).state == "busy"
+    # a retraining that fails leaves the record as it was
+    store.fail("abc", retrain.token, "RuntimeError: interrupted")
+    run = store.get_run("abc")
+    assert (run.status, run.error, run.history) == ("finished", None, [{"epoch": 1}])
+    assert [m["value"] for m in store.metrics("abc")] == [0.5]
+    # one killed outright (its process gone) is taken over, and the new record replaces it
+    again = store.claim("abc", "s1", {}, {}, None, "cpu", retrain=True)
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET pid = ? WHERE key = 'abc'", (dead_pid(),))
+    assert store.get_run("abc").status == "finished" and len(store.metrics("abc")) == 1
+    third = store.claim("abc", "s1", {}, {}, None, "cpu", retrain=True)
+    assert third.state == "claimed" and third.token != again.token
+    new = store.write_tensors("abc.safetensors", {"w": torch.zeros(2)})
+    store.complete("abc", third.token, status="finished", history=[{"epoch": 1}, {"epoch": 2}],
+                   wall_seconds=2.0, metrics=[metric("triggered", "asr", 0.5),
+                                              metric("triggered", "acc", 0.9)],
+                   checkpoint=new, attack_state=None)
+    run = store.get_run("abc")
+    assert run.status == "finished" and len(run.history) == 2 and run.pid is None
+    assert len(store.metrics("abc")) == 2 and (tmp_path / new).exists()
+
+
 def test_a_live_claim_is_busy_and_a_dead_one_is_taken_over(tmp_path):
     store = ResultStore(tmp_path / "r.sqlite")
     claimed(store)  # this process: alive

@@ -541,28 +541,30 @@ def run(config: RunConfig, store: ResultStore, *, device: str = "cpu", data_root
     loaded = loaded or load_data(config.dataset, data_root)
     key, setup_key = config.key(loaded.fingerprint), config.setup_key(loaded.fingerprint)
     with ExitStack() as stack:  # a run trained again uses its recorded CPU thread count
-        waiting = False
+        waiting = retrain = announced = False
         while True:
             claim = store.claim(key, setup_key, config.resolved(), library_versions(), git_commit(),
-                                device_description(device), force=force)
+                                device_description(device), force=force, retrain=retrain)
             if claim.state == "finished":
                 missing, wanted = missing_weights(store, claim.run, save_every, need_checkpoint)
                 if missing is None:
                     return stored_result(store, claim.run, config)
-                threads = recorded_threads(claim.run)
-                if threads is not None:  # from here on: the claim records it, training uses it
-                    stack.enter_context(thread_count(threads))
-                log(f"[{key[:8]}] training it again {wanted} ({missing}); training is "
-                    "deterministic, so its metrics stay the same"
-                    + (f" (on its recorded {threads} CPU threads)" if threads else ""))
-                force = True
+                if not announced:
+                    threads = recorded_threads(claim.run)
+                    if threads is not None:  # from here on: the claim records it, training uses it
+                        stack.enter_context(thread_count(threads))
+                    log(f"[{key[:8]}] training it again {wanted} ({missing}); training is "
+                        "deterministic, so its metrics stay the same"
+                        + (f" (on its recorded {threads} CPU threads)" if threads else ""))
+                    announced = True
+                retrain = True  # its record stands until the new one is complete
                 continue
             if claim.state == "claimed":
                 break
             if not waiting:
                 log(f"[{key[:8]}] is being run by pid {claim.run.pid} on {claim.run.host}; "
                     "waiting for its result")
-                waiting, force = True, False
+                waiting, force, retrain = True, False, False  # then look at it afresh
             time.sleep(poll_seconds)
         token = claim.token
         try:

@@ -276,17 +276,34 @@ class ResultStore:
     # -- claiming and finishing runs -----------------------------------------------------------
 
     def claim(self, key: str, setup_key: str, config: dict, versions: dict,
-              git_commit: str | None, device: str, force: bool = False) -> Claim:
-        """Atomically take a run to work on it, unless it is finished (and not ``force``) or a
-        live process holds it. A claim whose process died is taken over."""
+              git_commit: str | None, device: str, force: bool = False,
+              retrain: bool = False) -> Claim:
+        """Atomically take a run to work on it, unless it is finished (and not ``force`` or
+        ``retrain``) or a live process holds it. A claim whose process died is taken over.
+
+        ``retrain``: a finished run is trained again for its weights (it lacks them here). Its
+        record (status, metrics, history) stands until the new one completes, so a retraining
+        that is interrupted, even killed, loses nothing; only its files, which the new ones
+        replace, go at once. ``force`` removes the record first."""
         with self._exclusive() as db:
             row = db.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 stored = self._to_run(row)
                 if stored.status == "running" and self.is_live(stored):
                     return Claim("busy", run=stored)
-                if stored.status == "finished" and not force:
+                retraining = (stored.status == "finished" and stored.pid is not None
+                              and self.is_live(stored))
+                if retraining and (force or retrain):
+                    return Claim("busy", run=stored)
+                if stored.status == "finished" and not (force or retrain):
                     return Claim("finished", run=stored)
+                if stored.status == "finished" and not force:  # retrain: the record stands
+                    self._delete_files(stored)
+                    token = uuid.uuid4().hex
+                    db.execute("UPDATE runs SET heartbeat = ?, host = ?, pid = ?, token = ? "
+                               "WHERE key = ?",
+                               (_epoch(), socket.gethostname(), os.getpid(), token, key))
+                    return Claim("claimed", token=token)
                 self._delete_rows(db, key)
                 self._delete_files(stored)
             token = uuid.uuid4().hex
@@ -335,8 +352,11 @@ class ResultStore:
             thread.join()
 
     def update_history(self, key: str, token: str, history: list) -> None:
+        """A running run's history so far (a finished run trained again keeps its own until
+        the new one completes)."""
         with closing(self._connect()) as db, db:
-            db.execute("UPDATE runs SET history = ?, heartbeat = ? WHERE key = ? AND token = ?",
+            db.execute("UPDATE runs SET history = CASE WHEN status = 'finished' THEN history "
+                       "ELSE ? END, heartbeat = ? WHERE key = ? AND token = ?",
                        (json.dumps(history), _epoch(), key, token))
 
     def complete(self, key: str, token: str, *, status: str, history: list, metrics: list[dict],
@@ -359,10 +379,14 @@ class ResultStore:
                         attack_state, error, json.dumps(extra or {}), key))
 
     def fail(self, key: str, token: str, error: str, history: list | None = None) -> None:
-        """Mark a claimed run as failed (its process gave up); keeps nothing half-written."""
+        """Mark a claimed run as failed (its process gave up); keeps nothing half-written. A
+        finished run that was being trained again keeps its record as it was."""
         with closing(self._connect()) as db, db:
-            db.execute("UPDATE runs SET status = 'failed', error = ?, history = COALESCE(?, "
-                       "history), pid = NULL WHERE key = ? AND token = ?",
+            db.execute("UPDATE runs SET "
+                       "status = CASE WHEN status = 'finished' THEN status ELSE 'failed' END, "
+                       "error = CASE WHEN status = 'finished' THEN error ELSE ? END, "
+                       "history = CASE WHEN status = 'finished' THEN history "
+                       "ELSE COALESCE(?, history) END, pid = NULL WHERE key = ? AND token = ?",
                        (error, json.dumps(history) if history is not None else None, key, token))
 
     def record_evaluation(self, key: str, metrics: list[dict], *, status: str = "finished",

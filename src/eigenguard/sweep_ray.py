@@ -447,10 +447,10 @@ class _Driver:
         with (the count changes the order of floating-point sums, so only that one reproduces
         its record); every other run on the executor's."""
         stored = self.store.get_run(item.key) if item.key in self.plan.references else None
-        force = item.key in self.plan.references and not is_trained(self.store, stored)
-        threads = (recorded_threads(stored) if force and stored is not None else None)
+        retrain = item.key in self.plan.references and not is_trained(self.store, stored)
+        threads = (recorded_threads(stored) if retrain and stored is not None else None)
         claim = self.store.claim(item.key, item.setup_key, item.config.resolved(), self.versions,
-                                 self.commit, self.description, force=force)
+                                 self.commit, self.description, retrain=retrain)
         return claim, threads or self.executor.threads
 
     def _submit_ready(self) -> None:
