@@ -12,10 +12,10 @@ from eigenguard.models import create_model
 from eigenguard.sieve import HandLabels, LabelSieve, find_sieves, sieve
 
 CLASSES, WIDTH, BATCH = 10, 32, 128
-#: the sieve defense's defaults before validation chose spread / unlearn / plain (the row rule
-#: "either", the threshold 0.75 and the margin 1.1)
+#: the sieve defense's defaults before validation chose spread / unlearn / plain (and the row
+#: rule "either")
 FIRST_DEFAULTS = {"statistic": "mixing", "action": "hold", "view": "augmented",
-                  "row_rule": "foreign", "threshold": 0.6, "margin": 1.2}
+                  "row_rule": "foreign"}
 
 
 def planted_batches(steps: int, *, poison: float = 0.1, shift: float = 1.0, clean_label=False,
@@ -231,26 +231,20 @@ def test_the_spread_statistic_flags_nothing_in_clean_or_clean_label_data():
 def test_the_defense_defaults_are_the_validation_choice_and_the_first_keep_their_key():
     """Plain ``sieve`` is now the setting validation chose; its runs share their keys with the
     runs that named it (docs/SIEVE.md), and runs at the first defaults keep theirs."""
-    chosen = {"statistic": "spread", "action": "unlearn", "view": "plain", "row_rule": "either",
-              "threshold": 0.75, "margin": 1.1}
+    chosen = {"statistic": "spread", "action": "unlearn", "view": "plain", "row_rule": "either"}
     default = RunConfig(defense="sieve")
     assert default.resolved() == RunConfig(defense="sieve", defense_settings=chosen).resolved()
     assert default.key("d") == RunConfig(defense="sieve", defense_settings=chosen).key("d")
     first = RunConfig(defense="sieve", defense_settings=FIRST_DEFAULTS)
     assert first.key("fixed-fingerprint") == "5353a4ca885f76da"
-    assert first.build_defense().label() == ("sieve(threshold=0.6, margin=1.2, statistic=mixing, "
-                                             "action=hold, view=augmented, row_rule=foreign)")
+    assert first.build_defense().label() == ("sieve(statistic=mixing, action=hold, "
+                                             "view=augmented, row_rule=foreign)")
     assert default.build_defense().label() == "sieve"
     # the defaults before the row rule (spread, plain, unlearn, the foreign rule) keep the key
     # their runs were stored under (computed with the code before the row rule was chosen)
-    second = RunConfig(defense="sieve", defense_settings={"row_rule": "foreign",
-                                                          "threshold": 0.6, "margin": 1.2})
+    second = RunConfig(defense="sieve", defense_settings={"row_rule": "foreign"})
     assert second.key("fixed-fingerprint") == "091a5542775c3b51"
-    assert second.build_defense().label() == "sieve(threshold=0.6, margin=1.2, row_rule=foreign)"
-    # and so do the defaults before the threshold and margin were chosen (the row rule "either")
-    third = RunConfig(defense="sieve", defense_settings={"threshold": 0.6, "margin": 1.2})
-    assert third.key("fixed-fingerprint") == "33deb358655ff87d"
-    assert third.build_defense().label() == "sieve(threshold=0.6, margin=1.2)"
+    assert second.build_defense().label() == "sieve(row_rule=foreign)"
 
 
 def test_the_statistic_setting_keeps_stored_sieve_runs_keys():

@@ -6,9 +6,7 @@ for the hook (:class:`eigenguard.sieve.HandLabels`), which reads the labels the 
 on, runs the layers before the sieve once more on the batch's unaugmented images (the default
 ``view="plain"``; no gradient, buffers restored) and, with the default ``action="unlearn"``,
 replaces the flagged rows' loss by the unlearning loss (the rows of the suspect label that the
-foreign rule or the side rule flags: the default ``row_rule="either"``). A label becomes suspect
-when its score is at least 0.75 and 1.1 times the next label's (the defense's defaults; the
-layer's own are 0.6 and 1.2). The layer is the
+foreign rule or the side rule flags: the default ``row_rule="either"``). The layer is the
 identity at evaluation, so the model is batch-independent and the standard ``triggered``
 protocol applies.
 The training samples the layer flagged in the last epoch are the defense's detection (the
@@ -46,11 +44,8 @@ class SieveDefense(Defense):
     after: str = "layer2"  # chosen on validation (docs/SIEVE.md): no cost on clean training
     pool: int | None = None
     momentum: float = 0.05
-    # chosen on validation over seeds 0-2 (docs/SIEVE.md, "The threshold and the margin"): a
-    # higher threshold with a lower margin finds Blended's label at 5%, which 0.6 and 1.2 missed
-    # at one seed, and suspects no label of clean training; runs before name 0.6 and 1.2
-    threshold: float = 0.75
-    margin: float = 1.1
+    threshold: float = 0.6
+    margin: float = 1.2
     warmup: int = 10
     patience: int = 10
     # the next three chosen on validation over seeds 0-2 with BadNets and Blended (docs/SIEVE.md):
