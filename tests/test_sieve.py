@@ -192,10 +192,6 @@ def test_one_label_at_most_and_only_when_it_leads_by_the_margin():
     """Two labels poisoned alike (all-to-all-like): neither leads the other by the margin, so
     none is suspect, the stated limit of an all-to-one detector; with margin 1 the leader is,
     and it alone."""
-    def two_targets(steps, seed=0):
-        for x, y, poisoned in planted_batches(steps, seed=seed):
-            halves = torch.arange(len(y)) % 2 == 1
-            yield x, torch.where(poisoned & halves, torch.ones_like(y), y), poisoned
     strict = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.2)
     run_layer(strict, two_targets(120))
     scores = strict.mixing_scores().nan_to_num(0).max(1).values
@@ -203,6 +199,39 @@ def test_one_label_at_most_and_only_when_it_leads_by_the_margin():
     loose = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.0)
     run_layer(loose, two_targets(120))
     assert int(loose.suspect.sum()) == 1 and bool(loose.suspect[:2].any())
+
+
+def two_targets(steps, seed=0):
+    """Poison split between labels 0 and 1: both spread high, neither leads by much."""
+    for x, y, poisoned in planted_batches(steps, seed=seed):
+        halves = torch.arange(len(y)) % 2 == 1
+        yield x, torch.where(poisoned & halves, torch.ones_like(y), y), poisoned
+
+
+def test_a_second_tier_suspects_a_high_level_with_a_small_lead():
+    """With ``level_threshold`` a label also leads at a high score and a smaller margin (the
+    case the first tier's margin misses); a level above every score changes nothing; the
+    setting is off by default, so stored runs keep their keys."""
+    strict = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.2)
+    run_layer(strict, two_targets(120))
+    scores = strict.mixing_scores().nan_to_num(0).max(1).values
+    top = scores.topk(2).values
+    assert not strict.suspect.any() and float(top[0] / top[1]) < 1.2
+    tiered = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.2, level_threshold=0.7,
+                        level_margin=1.0)
+    run_layer(tiered, two_targets(120))
+    assert int(tiered.suspect.sum()) == 1 and bool(tiered.suspect[:2].any())
+    too_high = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.2,
+                          level_threshold=float(top[0]) + 1, level_margin=1.0)
+    run_layer(too_high, two_targets(120))
+    assert not too_high.suspect.any()
+    default = RunConfig(defense="sieve")
+    assert default.key("fixed-fingerprint") == "33deb358655ff87d"  # the key before the setting
+    assert default.build_defense().level_threshold is None
+    with pytest.raises(ValueError, match="level_threshold"):
+        LabelSieve(CLASSES, level_threshold=math.nan)
+    with pytest.raises(ValueError, match="level_margin"):
+        LabelSieve(CLASSES, level_threshold=0.7, level_margin=0.9)
 
 
 @pytest.mark.parametrize("shift", [1.0, 10.0])

@@ -32,7 +32,10 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    with the higher mixing score;
 4. after ``warmup`` batches, the label whose higher side has had the highest mixing score, at least
    ``threshold`` and ``margin`` times the next label's, ``patience`` batches more than it did not,
-   becomes suspect, for the rest of training (one label at most: all-to-one poison); in a suspect
+   becomes suspect, for the rest of training (one label at most: all-to-one poison); with
+   ``level_threshold`` set, a label also leads when its score is at least that and
+   ``level_margin`` times the next label's (a second tier: a high level with a small lead, as
+   poison at half the label's rows makes it, beside a lower level with a clear lead); in a suspect
    label, the rows nearer another label's running mean than the label's clean side (the
    lower-scoring one) are flagged (``row_rule="foreign"``; with ``"side"``, the rows nearer the
    label's flagged side than its clean side; with ``"either"``, both,
@@ -107,8 +110,20 @@ class LabelSieve(nn.Module):
                  threshold: float = 0.6, margin: float = 1.2, warmup: int = 10,
                  patience: int = 10, statistic: str = "mixing", row_margin: float = 1.0,
                  action: str = "hold", unlearn_weight: float = 1.0,
-                 view: str = "augmented", row_rule: str = "foreign"):
+                 view: str = "augmented", row_rule: str = "foreign",
+                 level_threshold: float | None = None, level_margin: float = 1.0):
         super().__init__()
+        if level_threshold is not None and not (
+                isinstance(level_threshold, (int, float)) and math.isfinite(level_threshold)
+                and level_threshold > 0):
+            raise ValueError(f"level_threshold must be None or a positive number (a label also "
+                             f"leads when its score is at least this, and level_margin times "
+                             f"the next label's), got {level_threshold!r}")
+        if not (isinstance(level_margin, (int, float)) and math.isfinite(level_margin)
+                and level_margin >= 1):
+            raise ValueError(f"level_margin must be a number >= 1 (how many times the next "
+                             f"label's score a label at level_threshold must lead by), got "
+                             f"{level_margin!r}")
         if row_rule not in ROW_RULES:
             raise ValueError(f"row_rule must be one of {', '.join(ROW_RULES)} (foreign: a row of "
                              f"the suspect label nearer another label's mean than the label's "
@@ -165,6 +180,8 @@ class LabelSieve(nn.Module):
         self.row_margin = float(row_margin)
         self.action, self.unlearn_weight = action, float(unlearn_weight)
         self.view, self.row_rule = view, row_rule
+        self.level_threshold = None if level_threshold is None else float(level_threshold)
+        self.level_margin = float(level_margin)
         self.labels: torch.Tensor | None = None
         self.plain_rows: torch.Tensor | None = None  # the next forward's unaugmented features
         self.capturing: list | None = None  # set while HandLabels runs the unaugmented pass
@@ -176,7 +193,8 @@ class LabelSieve(nn.Module):
                     patience=self.patience, statistic=self.statistic,
                     row_margin=self.row_margin, action=self.action,
                     unlearn_weight=self.unlearn_weight, view=self.view,
-                    row_rule=self.row_rule)
+                    row_rule=self.row_rule, level_threshold=self.level_threshold,
+                    level_margin=self.level_margin)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -402,8 +420,11 @@ class LabelSieve(nn.Module):
         if not self.suspect.any():
             top = best.topk(2)
             leader = int(top.indices[0])
-            leads = bool(top.values[0] >= self.threshold
-                         and top.values[0] >= self.margin * top.values[1])
+            first, second = float(top.values[0]), float(top.values[1])
+            leads = first >= self.threshold and first >= self.margin * second
+            if self.level_threshold is not None:  # the second tier: a high level, a small lead
+                leads = leads or (first >= self.level_threshold
+                                  and first >= self.level_margin * second)
             # the leader's count goes up, every other count down (not to zero: one noisy batch
             # of the running estimate must not undo a label's lead)
             self.streak.sub_(1).clamp_(min=0)

@@ -60,9 +60,14 @@ class SieveDefense(Defense):
     # chosen on validation over seeds 0-2 with BadNets and Blended (docs/SIEVE.md): a row is
     # flagged when the foreign rule or the side rule flags it; runs before it name "foreign"
     row_rule: str = "either"
+    # a second tier of the suspicion rule (docs/SIEVE.md, "The threshold and the margin"): off
+    # until validation chooses it
+    level_threshold: float | None = None
+    level_margin: float = 1.0
 
     later_settings = {"statistic": "mixing", "row_margin": 1.0, "action": "hold",
-                      "unlearn_weight": 1.0, "view": "augmented", "row_rule": "foreign"}
+                      "unlearn_weight": 1.0, "view": "augmented", "row_rule": "foreign",
+                      "level_threshold": None, "level_margin": 1.0}
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
@@ -72,7 +77,8 @@ class SieveDefense(Defense):
                     margin=self.margin, warmup=self.warmup, patience=self.patience,
                     statistic=self.statistic, row_margin=self.row_margin,
                     action=self.action, unlearn_weight=self.unlearn_weight, view=self.view,
-                    row_rule=self.row_rule)
+                    row_rule=self.row_rule, level_threshold=self.level_threshold,
+                    level_margin=self.level_margin)
 
     def prepare_model(self, model):
         sieve(model, self.after, class_count(model), **self.layer_settings())
