@@ -13,9 +13,9 @@ from eigenguard.sieve import HandLabels, LabelSieve, find_sieves, sieve
 
 CLASSES, WIDTH, BATCH = 10, 32, 128
 #: the sieve defense's defaults before validation chose spread / unlearn / plain (and the row
-#: rule "either")
+#: rule "either", and the second tier)
 FIRST_DEFAULTS = {"statistic": "mixing", "action": "hold", "view": "augmented",
-                  "row_rule": "foreign"}
+                  "row_rule": "foreign", "level_threshold": None}
 
 
 def planted_batches(steps: int, *, poison: float = 0.1, shift: float = 1.0, clean_label=False,
@@ -210,8 +210,10 @@ def two_targets(steps, seed=0):
 
 def test_a_second_tier_suspects_a_high_level_with_a_small_lead():
     """With ``level_threshold`` a label also leads at a high score and a smaller margin (the
-    case the first tier's margin misses); a level above every score changes nothing; the
-    setting is off by default, so stored runs keep their keys."""
+    case the first tier's margin misses); a level above every score changes nothing. The
+    layer's own default is one tier; the defense's is two since validation chose them, and
+    one-tier runs name ``level_threshold: None`` and keep their keys, whatever level margin
+    they name."""
     strict = LabelSieve(CLASSES, pool=1, warmup=10, margin=1.2)
     run_layer(strict, two_targets(120))
     scores = strict.mixing_scores().nan_to_num(0).max(1).values
@@ -225,9 +227,16 @@ def test_a_second_tier_suspects_a_high_level_with_a_small_lead():
                           level_threshold=float(top[0]) + 1, level_margin=1.0)
     run_layer(too_high, two_targets(120))
     assert not too_high.suspect.any()
-    default = RunConfig(defense="sieve")
-    assert default.key("fixed-fingerprint") == "33deb358655ff87d"  # the key before the setting
-    assert default.build_defense().level_threshold is None
+    assert LabelSieve(CLASSES).level_threshold is None
+    one_tier = RunConfig(defense="sieve", defense_settings={"level_threshold": None})
+    assert one_tier.key("fixed-fingerprint") == "33deb358655ff87d"  # the key before the setting
+    assert RunConfig(defense="sieve", defense_settings={"level_threshold": None,
+                                                        "level_margin": 1.5}).key(
+        "fixed-fingerprint") == "33deb358655ff87d"
+    assert one_tier.build_defense().label() == "sieve(level_threshold=None)"
+    two_tiers = RunConfig(defense="sieve").build_defense()
+    assert (two_tiers.level_threshold, two_tiers.level_margin) == (0.75, 1.1)
+    assert RunConfig(defense="sieve").key("d") != one_tier.key("d")
     with pytest.raises(ValueError, match="level_threshold"):
         LabelSieve(CLASSES, level_threshold=math.nan)
     with pytest.raises(ValueError, match="level_margin"):
@@ -260,20 +269,23 @@ def test_the_spread_statistic_flags_nothing_in_clean_or_clean_label_data():
 def test_the_defense_defaults_are_the_validation_choice_and_the_first_keep_their_key():
     """Plain ``sieve`` is now the setting validation chose; its runs share their keys with the
     runs that named it (docs/SIEVE.md), and runs at the first defaults keep theirs."""
-    chosen = {"statistic": "spread", "action": "unlearn", "view": "plain", "row_rule": "either"}
+    chosen = {"statistic": "spread", "action": "unlearn", "view": "plain", "row_rule": "either",
+              "level_threshold": 0.75, "level_margin": 1.1}
     default = RunConfig(defense="sieve")
     assert default.resolved() == RunConfig(defense="sieve", defense_settings=chosen).resolved()
     assert default.key("d") == RunConfig(defense="sieve", defense_settings=chosen).key("d")
     first = RunConfig(defense="sieve", defense_settings=FIRST_DEFAULTS)
     assert first.key("fixed-fingerprint") == "5353a4ca885f76da"
     assert first.build_defense().label() == ("sieve(statistic=mixing, action=hold, "
-                                             "view=augmented, row_rule=foreign)")
+                                             "view=augmented, row_rule=foreign, "
+                                             "level_threshold=None)")
     assert default.build_defense().label() == "sieve"
     # the defaults before the row rule (spread, plain, unlearn, the foreign rule) keep the key
     # their runs were stored under (computed with the code before the row rule was chosen)
-    second = RunConfig(defense="sieve", defense_settings={"row_rule": "foreign"})
+    second = RunConfig(defense="sieve", defense_settings={"row_rule": "foreign",
+                                                         "level_threshold": None})
     assert second.key("fixed-fingerprint") == "091a5542775c3b51"
-    assert second.build_defense().label() == "sieve(row_rule=foreign)"
+    assert second.build_defense().label() == "sieve(row_rule=foreign, level_threshold=None)"
 
 
 def test_the_statistic_setting_keeps_stored_sieve_runs_keys():

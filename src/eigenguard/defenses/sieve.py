@@ -60,10 +60,12 @@ class SieveDefense(Defense):
     # chosen on validation over seeds 0-2 with BadNets and Blended (docs/SIEVE.md): a row is
     # flagged when the foreign rule or the side rule flags it; runs before it name "foreign"
     row_rule: str = "either"
-    # a second tier of the suspicion rule (docs/SIEVE.md, "The threshold and the margin"): off
-    # until validation chooses it
-    level_threshold: float | None = None
-    level_margin: float = 1.0
+    # a second tier of the suspicion rule, chosen on validation over seeds 0-2 with BadNets and
+    # Blended at 1%, 5% and 10% (docs/SIEVE.md, "The threshold and the margin"): a label also
+    # leads at a score of 0.75 and 1.1 times the next label's; runs before it name
+    # ``level_threshold: null`` (one tier; the level margin then means nothing and is read as 1)
+    level_threshold: float | None = 0.75
+    level_margin: float = 1.1
 
     later_settings = {"statistic": "mixing", "row_margin": 1.0, "action": "hold",
                       "unlearn_weight": 1.0, "view": "augmented", "row_rule": "foreign",
@@ -71,6 +73,15 @@ class SieveDefense(Defense):
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
+        if self.level_threshold is None:
+            self.level_margin = 1.0  # no second tier: one run, one key, whatever margin is named
+
+    def changed_settings(self) -> list[str]:
+        """As every defense's, less the level margin of a sieve without the second tier."""
+        changed = super().changed_settings()
+        if self.level_threshold is None:
+            changed = [c for c in changed if not c.startswith("level_margin=")]
+        return changed
 
     def layer_settings(self) -> dict:
         return dict(pool=self.pool, momentum=self.momentum, threshold=self.threshold,
