@@ -1,7 +1,7 @@
 """Where each trigger's feature shift lies with and without the label sieve (docs/SIEVE.md, "The
 mechanism"): for every attack with a sieve run at the defense's defaults, or at them with the row
-rule before it was chosen (10% poison, seed 0, the grids' budget) and an undefended run of the same
-setup, both analysed by `eigenguard analyze`, the trigger's mean feature shift f(x + t) − f(x)
+rule or the tiers before they were chosen (10% poison, seed 0, the grids' budget) and an undefended
+run of the same setup, both analysed by `eigenguard analyze`, the trigger's mean feature shift f(x + t) − f(x)
 against the clean features' spread (`shift_to_spread`) at each stage, the share of it in the clean
 top 16 directions at `layer4`, and the poison label's two-means split accuracy at `layer2`, where
 the sieve reads the features.
@@ -40,17 +40,25 @@ def setup(config: dict) -> str:
     return json.dumps(rest, sort_keys=True, default=str)
 
 
-def row_rule(config: dict) -> str | None:
-    """The row rule of a sieve run at the defense's defaults but for its row rule (the stored
-    settings are the resolved ones, less the settings at their value before they existed: a run
-    before the row rule existed names none and used the foreign rule); None for any other run."""
+def variant(config: dict) -> str | None:
+    """The row rule and the tiers of suspicion of a sieve run at the defense's defaults but for
+    those (the stored settings are the resolved ones, less the settings at their value before
+    they existed: a run before the row rule names none and used the foreign rule, a run before
+    the second tier names none and had one); None for any other run."""
     if config["defense"] != "sieve":
         return None
     settings = dict(config.get("defense_settings") or {})
-    rule = settings.pop("row_rule", SieveDefense.later_settings["row_rule"])
+    earlier = SieveDefense.later_settings
+    rule = settings.pop("row_rule", earlier["row_rule"])
+    tiers = {"level_threshold": settings.pop("level_threshold", earlier["level_threshold"]),
+             "level_margin": settings.pop("level_margin", earlier["level_margin"])}
     defaults = {field.name: field.default for field in dataclasses.fields(SieveDefense)}
-    if all(defaults.get(name) == value for name, value in settings.items()):
-        return rule
+    if not all(defaults.get(name) == value for name, value in settings.items()):
+        return None
+    if tiers["level_threshold"] is None:
+        return f"{rule}, one tier"
+    if all(defaults[name] == value for name, value in tiers.items()):
+        return f"{rule}, two tiers"
     return None
 
 
@@ -71,7 +79,7 @@ def main() -> None:
     rows = []
     for run in runs:
         plain = undefended.get(setup(run.config))
-        rule = row_rule(run.config)
+        rule = variant(run.config)
         if rule is None or plain is None:
             continue
         before, after = analysis(store, plain), analysis(store, run)
@@ -79,7 +87,7 @@ def main() -> None:
             continue
         rows.append((attack_label(run.config["attack"], run.config.get("attack_settings")),
                      rule, plain, run, before, after))
-    print("| attack | row rule | ASR % none → sieve | mean shift / spread, none → sieve: "
+    print("| attack | row rule, tiers | ASR % none → sieve | mean shift / spread, none → sieve: "
           + " | ".join(f"`{stage}`" for stage in STAGES)
           + " | per-image shift / spread at `layer4` | shift in top 16 at `layer4` % "
             "| poison label split at `layer2` | runs |")

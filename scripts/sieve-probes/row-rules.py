@@ -7,7 +7,11 @@ and, per batch, its rows are judged by
 - ``foreign`` (the layer's rule): nearer another label's running mean than the label's clean
   side's running mean;
 - ``side``: nearer the poison side's running mean than the clean side's;
-- ``either``: one or the other.
+- ``either``: one or the other;
+- ``offset≥c`` (probe only, not a layer setting): the row's offset from the clean side's mean,
+  projected on the trigger's estimated offset t (the poison side's running mean less the mean
+  of the other labels' running means: the poison's content, drawn from every other class,
+  averages out), at least ``c`` × |t|², for c in 0.3-0.6; and ``either+offset≥c``, the union.
 
 Printed per epoch: the share of the poisoned rows flagged (overall and per true class) and of
 the label's clean rows (the cost). Ground truth for scoring only.
@@ -21,7 +25,10 @@ import torch
 
 from eigenguard.sieve import LabelSieve
 
-RULES = ("foreign", "side", "either")
+LAYER_RULES = ("foreign", "side", "either")
+CUTS = (0.3, 0.4, 0.5, 0.6)
+RULES = LAYER_RULES + tuple(f"offset≥{c}" for c in CUTS) + tuple(f"either+offset≥{c}"
+                                                                 for c in CUTS)
 
 
 def judged(layer: LabelSieve, rows: torch.Tensor, labels: torch.Tensor,
@@ -31,9 +38,19 @@ def judged(layer: LabelSieve, rows: torch.Tensor, labels: torch.Tensor,
     sides = torch.full((layer.classes,), -1, dtype=torch.long)
     sides[label] = int(layer.side_scores()[label].nan_to_num(-1).argmax())
     flags = {}
-    for rule in RULES:
+    for rule in LAYER_RULES:
         layer.row_rule = rule
         flags[rule] = layer.foreign_rows(rows, labels, sides)
+    state, side = layer._state, int(sides[label])
+    others = state["seen"].clone()
+    others[label] = False
+    offset = state["side_mean"][label, side] - state["mean"][others].mean(0)
+    projection = ((rows - state["side_mean"][label, 1 - side]) * offset).sum(1) / (
+        offset * offset).sum()
+    for cut in CUTS:
+        beyond = (labels == label) & (projection >= cut)
+        flags[f"offset≥{cut}"] = beyond
+        flags[f"either+offset≥{cut}"] = beyond | flags["either"]
     return flags
 
 
