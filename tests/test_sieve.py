@@ -342,9 +342,10 @@ def test_the_side_rule_flags_the_look_alike_class_the_foreign_rule_misses():
     clean side as its own class's mean, so the foreign rule flags only part of it, and flags
     clean rows of the label that lie near that class instead; the triggered image carries the
     poison side's offset, so the side rule flags it, and keeps the clean rows; ``either`` flags
-    what one or the other flags."""
+    what one or the other flags; ``shifted`` takes the trigger's estimated offset off each row
+    before comparing it with the other labels."""
     counts = {}
-    for rule in ("foreign", "side", "either"):
+    for rule in ("foreign", "side", "either", "shifted"):
         layer = LabelSieve(CLASSES, pool=1, warmup=20, statistic="spread",
                            row_rule=rule).train()
         look_alike = [0, 0]  # poisoned class-6 rows flagged, all of them
@@ -371,6 +372,10 @@ def test_the_side_rule_flags_the_look_alike_class_the_foreign_rule_misses():
     assert side[2] < 10 and foreign[2] > 100
     either = counts["either"]  # what one or the other flags
     assert either[0] > 0.98 and either[1] > 0.98 and either[2] >= foreign[2]
+    # the foreign rule on the rows less the trigger's estimated offset: the look-alike's poison
+    # becomes nearer its own class, the label's clean rows farther from the others
+    shifted = counts["shifted"]  # measured 1.0, 1.0 and no clean row
+    assert shifted[0] > 0.98 and shifted[1] > 0.98 and shifted[2] < foreign[2] / 2
 
 
 def test_unlearning_passes_flagged_rows_and_pushes_their_label_down():

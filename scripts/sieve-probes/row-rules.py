@@ -8,6 +8,8 @@ and, per batch, its rows are judged by
   side's running mean;
 - ``side``: nearer the poison side's running mean than the clean side's;
 - ``either``: one or the other;
+- ``shifted``: the row less the trigger's estimated offset t (below) nearer another label's
+  running mean than the row itself is to the clean side;
 - ``offset≥c`` (probe only, not a layer setting): the row's offset from the clean side's mean,
   projected on the trigger's estimated offset t (the poison side's running mean less the mean
   of the other labels' running means: the poison's content, drawn from every other class,
@@ -25,7 +27,7 @@ import torch
 
 from eigenguard.sieve import LabelSieve
 
-LAYER_RULES = ("foreign", "side", "either")
+LAYER_RULES = ("foreign", "side", "either", "shifted")
 CUTS = (0.3, 0.4, 0.5, 0.6)
 RULES = LAYER_RULES + tuple(f"offset≥{c}" for c in CUTS) + tuple(f"either+offset≥{c}"
                                                                  for c in CUTS)

@@ -38,8 +38,9 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    poison at half the label's rows makes it, beside a lower level with a clear lead); in a suspect
    label, the rows nearer another label's running mean than the label's clean side (the
    lower-scoring one) are flagged (``row_rule="foreign"``; with ``"side"``, the rows nearer the
-   label's flagged side than its clean side; with ``"either"``, both,
-   :meth:`LabelSieve.foreign_rows`): the output rows of its samples are replaced by the running
+   label's flagged side than its clean side; with ``"either"``, both; with ``"shifted"``, the
+   rows that, less the trigger's estimated offset, lie nearer another label's mean than the
+   row lies to the clean side, :meth:`LabelSieve.foreign_rows`): the output rows of its samples are replaced by the running
    mean feature of the label's other side, a constant, so the flagged samples pass no gradient to
    the layers before and look like an ordinary sample of their label to the layers after (their
    loss is small). Every other row passes unchanged.
@@ -96,7 +97,7 @@ ACTIONS = ("hold", "unlearn", "relabel")
 VIEWS = ("augmented", "plain")
 
 #: how a row of the suspect label is judged foreign (see :meth:`LabelSieve.foreign_rows`)
-ROW_RULES = ("foreign", "side", "either")
+ROW_RULES = ("foreign", "side", "either", "shifted")
 
 
 class PlainPassDone(Exception):
@@ -128,7 +129,9 @@ class LabelSieve(nn.Module):
             raise ValueError(f"row_rule must be one of {', '.join(ROW_RULES)} (foreign: a row of "
                              f"the suspect label nearer another label's mean than the label's "
                              f"clean side is flagged; side: one nearer the label's flagged side "
-                             f"than its clean side; either: one or the other), got "
+                             f"than its clean side; either: one or the other; shifted: one "
+                             f"whose row less the trigger's estimated offset lies nearer another "
+                             f"label's mean than the row lies to the clean side), got "
                              f"{row_rule!r}")
         if view not in VIEWS:
             raise ValueError(f"view must be one of {', '.join(VIEWS)} (the features the "
@@ -500,6 +503,22 @@ class LabelSieve(nn.Module):
                              f"{count}")
         return rows
 
+    def trigger_offsets(self, sides: torch.Tensor) -> torch.Tensor:
+        """(C, d): for each label with a flagged side (``sides`` ≥ 0), that side's running mean
+        less the mean of the other seen labels' running means: all-to-one poison draws its
+        content from every other class, so what is left is the trigger's offset; zero for the
+        other labels."""
+        state = self._state
+        mean, seen = state["mean"], state["seen"]
+        offsets = torch.zeros_like(mean)
+        for label in torch.nonzero(sides >= 0).flatten().tolist():
+            others = seen.clone()
+            others[label] = False
+            if others.any():
+                offsets[label] = (state["side_mean"][label, int(sides[label])]
+                                  - mean[others].mean(0))
+        return offsets
+
     def foreign_rows(self, rows: torch.Tensor, labels: torch.Tensor,
                      sides: torch.Tensor) -> torch.Tensor:
         """The rows of the flagged labels judged foreign, one by one (a cut along the top
@@ -512,7 +531,12 @@ class LabelSieve(nn.Module):
         nearer the clean side than any other label's mean but still carries the trigger's
         offset of the flagged side; docs/SIEVE.md); with ``"either"``, rows one or the other
         rule flags (the side rule alone misses a small patch's poison, whose offset is weak
-        early in training). Squared distances; ``row_margin`` < 1 asks
+        early in training); with ``"shifted"``, rows that, less the trigger's estimated offset
+        (the flagged side's running mean less the mean of the other labels' running means: the
+        poison's content, drawn from every other class, averages out), lie nearer another
+        label's running mean than the row itself lies to the clean side (undoing the trigger
+        makes a triggered look-alike nearer its own class, and a clean row of the label farther
+        from the others). Squared distances; ``row_margin`` < 1 asks
         a row to be that much nearer (fewer clean rows of the label flagged, fewer poisoned ones
         too)."""
         state = self._state
@@ -527,8 +551,10 @@ class LabelSieve(nn.Module):
         to_other = torch.full_like(to_own, math.inf)
         if self.row_rule in ("side", "either"):
             to_other = ((chosen - state["side_mean"][own, sides[own]]) ** 2).sum(1)
-        if self.row_rule in ("foreign", "either"):
-            to_labels = torch.cdist(chosen, state["mean"]) ** 2  # (n, C)
+        if self.row_rule in ("foreign", "either", "shifted"):
+            moved = chosen - self.trigger_offsets(sides)[own] if self.row_rule == "shifted" \
+                else chosen
+            to_labels = torch.cdist(moved, state["mean"]) ** 2  # (n, C)
             to_labels[torch.arange(len(own)), own] = math.inf  # the own label's mean holds poison
             to_labels[:, ~state["seen"]] = math.inf
             to_other = torch.minimum(to_other, to_labels.min(1).values)
