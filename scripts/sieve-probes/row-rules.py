@@ -44,9 +44,7 @@ def judged(layer: LabelSieve, rows: torch.Tensor, labels: torch.Tensor,
         layer.row_rule = rule
         flags[rule] = layer.foreign_rows(rows, labels, sides)
     state, side = layer._state, int(sides[label])
-    others = state["seen"].clone()
-    others[label] = False
-    offset = state["side_mean"][label, side] - state["mean"][others].mean(0)
+    offset = layer.trigger_offsets(sides)[label]
     projection = ((rows - state["side_mean"][label, 1 - side]) * offset).sum(1) / (
         offset * offset).sum()
     for cut in CUTS:

@@ -40,7 +40,8 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    lower-scoring one) are flagged (``row_rule="foreign"``; with ``"side"``, the rows nearer the
    label's flagged side than its clean side; with ``"either"``, both; with ``"shifted"``, the
    rows that, less the trigger's estimated offset, lie nearer another label's mean than the
-   row lies to the clean side, :meth:`LabelSieve.foreign_rows`): the output rows of its samples are replaced by the running
+   row lies to the clean side, :meth:`LabelSieve.foreign_rows`): the output rows of its samples
+   are replaced by the running
    mean feature of the label's other side, a constant, so the flagged samples pass no gradient to
    the layers before and look like an ordinary sample of their label to the layers after (their
    loss is small). Every other row passes unchanged.
