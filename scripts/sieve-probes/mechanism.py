@@ -1,8 +1,8 @@
 """Where each trigger's feature shift lies with and without the label sieve (docs/SIEVE.md, "The
 mechanism"): for every attack with a sieve run at the defense's defaults, or at them with the row
 rule or the tiers before they were chosen (10% poison, seed 0, the grids' budget) and an undefended
-run of the same setup, both analysed by `eigenguard analyze`, the trigger's mean feature shift f(x + t) − f(x)
-against the clean features' spread (`shift_to_spread`) at each stage, the share of it in the clean
+run of the same setup, both analysed by `eigenguard analyze`, the trigger's mean feature shift
+f(x + t) − f(x) against the clean features' spread (`shift_to_spread`) at each stage, the share of it in the clean
 top 16 directions at `layer4`, and the poison label's two-means split accuracy at `layer2`, where
 the sieve reads the features.
 
@@ -87,7 +87,8 @@ def main() -> None:
             continue
         rows.append((attack_label(run.config["attack"], run.config.get("attack_settings")),
                      rule, plain, run, before, after))
-    print("| attack | row rule, tiers | ASR % none → sieve | mean shift / spread, none → sieve: "
+    print("| attack | row rule, tiers | ASR % none → sieve | "
+          "mean shift / spread, none → sieve: "
           + " | ".join(f"`{stage}`" for stage in STAGES)
           + " | per-image shift / spread at `layer4` | shift in top 16 at `layer4` % "
             "| poison label split at `layer2` | runs |")

@@ -41,10 +41,9 @@ Per training batch, on the features as they are, or averaged to ``pool`` × ``po
    label's flagged side than its clean side; with ``"either"``, both; with ``"shifted"``, the
    rows that, less the trigger's estimated offset, lie nearer another label's mean than the
    row lies to the clean side, :meth:`LabelSieve.foreign_rows`): the output rows of its samples
-   are replaced by the running
-   mean feature of the label's other side, a constant, so the flagged samples pass no gradient to
-   the layers before and look like an ordinary sample of their label to the layers after (their
-   loss is small). Every other row passes unchanged.
+   are replaced by the running mean feature of the label's other side, a constant, so the
+   flagged samples pass no gradient to the layers before and look like an ordinary sample of
+   their label to the layers after (their loss is small). Every other row passes unchanged.
 5. with ``action="unlearn"`` the flagged rows pass unchanged instead, and the hook replaces
    their cross-entropy by −log(1 − p(label)) (:func:`unlearning_loss`): they push their label's
    probability down, through every layer, so a backdoor learned before its label was flagged
@@ -553,8 +552,8 @@ class LabelSieve(nn.Module):
         if self.row_rule in ("side", "either"):
             to_other = ((chosen - state["side_mean"][own, sides[own]]) ** 2).sum(1)
         if self.row_rule in ("foreign", "either", "shifted"):
-            moved = chosen - self.trigger_offsets(sides)[own] if self.row_rule == "shifted" \
-                else chosen
+            moved = (chosen - self.trigger_offsets(sides)[own] if self.row_rule == "shifted"
+                     else chosen)
             to_labels = torch.cdist(moved, state["mean"]) ** 2  # (n, C)
             to_labels[torch.arange(len(own)), own] = math.inf  # the own label's mean holds poison
             to_labels[:, ~state["seen"]] = math.inf
