@@ -536,3 +536,76 @@ def test_the_plain_view_needs_the_hook_and_a_known_name():
     assert default.key("fixed-fingerprint") == "5353a4ca885f76da"  # as before the setting
     plain = RunConfig(defense="sieve", defense_settings={**FIRST_DEFAULTS, "view": "plain"})
     assert plain.key("d") != default.key("d")
+
+
+def trained_repair(shift: float, **settings) -> LabelSieve:
+    layer = LabelSieve(CLASSES, warmup=20, repair=0.5, **settings)
+    run_layer(layer, planted_batches(200, shift=shift))
+    return layer.eval()
+
+
+def test_the_repair_takes_the_trigger_offset_off_triggered_rows_at_evaluation():
+    """With ``repair`` set the layer keeps the trigger's estimated offset and the suspect
+    label's clean side; at evaluation a row that carries the offset has it taken off (it looks
+    like its untriggered self to the layers after), a clean row passes as it is, and a row's
+    output never depends on its batch."""
+    layer = trained_repair(shift=3.0)
+    assert layer.repair_active()
+    assert float(layer.repair_outside) < 0.05  # other labels' rows at the level: measured 0.01
+    offset = layer.repair_offset
+    assert torch.allclose(offset, torch.full((WIDTH,), 3.0), atol=0.6)  # the planted shift
+    clean, _, _ = next(planted_batches(1, poison=0.0, seed=5))
+    triggered = clean + 3.0
+    out_clean, out_triggered = layer(clean), layer(triggered)
+    moved = (out_clean != clean).flatten(1).any(1)
+    assert float(moved.double().mean()) < 0.03  # clean rows taken for triggered: measured 0.0x
+    # triggered rows back within the offset's estimation error of their clean selves
+    error = (out_triggered - clean).flatten(1).norm(dim=1)
+    assert float((error < 0.35 * offset.norm()).double().mean()) > 0.97
+    assert torch.equal(layer(triggered[3:4]), out_triggered[3:4])  # row by row
+
+
+def test_the_repair_guard_turns_it_off_where_clean_rows_take_the_offset_too():
+    """A trigger offset small beside the classes' own differences: some clean rows of the other
+    labels reach the repair level (taking the offset off would change them). Past the guard the
+    layer stays the identity at evaluation; under it, the repair acts."""
+    guarded = trained_repair(shift=1.0, repair_guard=0.02)
+    assert guarded.flagged_sides()[0] >= 0  # the label is found all the same
+    share = float(guarded.repair_outside)  # measured 0.063 (at shift 3: 0.01)
+    assert 0.03 < share < 0.2
+    assert not guarded.repair_active()
+    x = torch.randn(5, WIDTH, 1, 1)
+    assert guarded(x) is x
+    loose = trained_repair(shift=1.0, repair_guard=0.2)
+    assert loose.repair_active() and not torch.equal(loose(x + 1.0), x + 1.0)
+
+
+def test_the_repair_is_saved_with_the_model_and_only_with_it():
+    layer = trained_repair(shift=3.0)
+    state = layer.state_dict()
+    assert set(state) == {"repair_offset", "repair_clean", "repair_outside"}
+    fresh = LabelSieve(CLASSES, warmup=20, repair=0.5)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    x = next(planted_batches(1, poison=0.0, seed=6))[0] + 3.0
+    assert torch.equal(fresh(x), layer(x))
+    assert LabelSieve(CLASSES).state_dict() == {}  # no repair: checkpoints as before
+    untrained = LabelSieve(CLASSES, repair=0.5).eval()  # never saw a suspect label
+    assert not untrained.repair_active() and untrained(x) is x
+    with pytest.raises(ValueError, match="fitted on rows of 32"):
+        layer(torch.randn(2, 8, 3, 3))
+
+
+def test_repair_settings_are_checked_and_keep_stored_keys():
+    for settings, word in [({"repair": 0}, "repair"), ({"repair": math.nan}, "repair"),
+                           ({"repair_guard": 0}, "repair_guard"),
+                           ({"repair_guard": 1.5}, "repair_guard"),
+                           ({"repair": 0.5, "pool": 2}, "pool to None")]:
+        with pytest.raises(ValueError, match=word):
+            LabelSieve(CLASSES, **settings)
+    default = RunConfig(defense="sieve")
+    assert default.key("d") == RunConfig(defense="sieve", defense_settings={
+        "repair": None, "repair_guard": 0.7}).key("d")  # no repair: the guard means nothing
+    repaired = RunConfig(defense="sieve", defense_settings={"repair": 0.5})
+    assert repaired.key("d") != default.key("d")
+    assert repaired.build_defense().label() == "sieve(repair=0.5)"

@@ -78,6 +78,26 @@ def replay_training(key: str, make_hook):
     return config, poisoned, hook
 
 
+def replay_defended(key: str, make_hook):
+    """Replay a stored run's training *with its defense's layers* (a defense that trains once
+    with one hook, as the sieve does), the hook ``make_hook(model, poisoned)`` builds handing
+    the batches over. Returns (config, splits, attack, poisoned set, model, hook)."""
+    store = ResultStore("results/results.sqlite")
+    run = store.find_runs(key)[0]
+    config = RunConfig.from_dict(run.config)
+    splits = load_run_splits(run, None)[1]
+    attack = load_run_attack(store, run)
+    poisoned = poison_training_set(attack, config, splits.train)
+    info = dataset_info(config.dataset)
+    torch.manual_seed(stream_seed(config.seed, "init"))
+    model = config.build_defense().prepare_model(build_model(config, splits.train))
+    hook = make_hook(model, poisoned)
+    train(model, poisoned.data, config.train, seed=stream_seed(config.seed, "train"),
+          augmentation=Augmentation(info.crop_padding, info.flip), hooks=[hook],
+          progress=False)
+    return config, splits, attack, poisoned, model, hook
+
+
 def translation_mixing(rows: torch.Tensor, neighbours: int = 10) -> float:
     """Split the rows in two along their top direction, take each side's mean away, and measure
     how far the two sides mix among each row's nearest neighbours: the share of neighbours from

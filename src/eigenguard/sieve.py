@@ -67,7 +67,16 @@ threat model is data poisoning.
 
 In evaluation mode the layer is the identity: it acts on training only, so it adds no cost at
 test time and its output never depends on the batch. Its running state is not part of the
-model's state dict (non-persistent), so checkpoints load into a model without it.
+model's state dict (non-persistent), so checkpoints load into a model without it. With
+``repair`` set it keeps one thing for the evaluation (docs/SIEVE.md, "The repair at
+evaluation"): the trigger's estimated offset t (the flagged side's running mean less the mean
+of the other labels' means) and the suspect label's clean side c, saved with the model; a row
+whose offset from c, projected on t, reaches ``repair`` × |t| has t taken off, row by row.
+Poison the row rules missed (images of the classes that look like the target's) may teach the
+network part of the backdoor; taking the trigger's offset off at the layer makes the triggered
+input look untriggered to the layers after it. A guard turns it off where the offset is a
+direction clean rows take too (more than ``repair_guard`` of the other labels' training rows
+reach the level).
 
 Clean-label attacks (SIG, LC, Refool) put true images of the target class under their own label:
 no group of any label is made of other classes, so this statistic cannot see them by design.
@@ -96,6 +105,9 @@ ACTIONS = ("hold", "unlearn", "relabel")
 #: which features the statistics read: the training forward's, or the unaugmented images'
 VIEWS = ("augmented", "plain")
 
+#: what the repair keeps for the evaluation (persistent buffers, only with ``repair`` set)
+REPAIR_BUFFERS = ("repair_offset", "repair_clean", "repair_outside")
+
 #: how a row of the suspect label is judged foreign (see :meth:`LabelSieve.foreign_rows`)
 ROW_RULES = ("foreign", "side", "either", "shifted")
 
@@ -112,8 +124,22 @@ class LabelSieve(nn.Module):
                  patience: int = 10, statistic: str = "mixing", row_margin: float = 1.0,
                  action: str = "hold", unlearn_weight: float = 1.0,
                  view: str = "augmented", row_rule: str = "foreign",
-                 level_threshold: float | None = None, level_margin: float = 1.0):
+                 level_threshold: float | None = None, level_margin: float = 1.0,
+                 repair: float | None = None, repair_guard: float = 0.2):
         super().__init__()
+        if repair is not None and not (isinstance(repair, (int, float))
+                                       and math.isfinite(repair) and repair > 0):
+            raise ValueError(f"repair must be None or a positive number (at evaluation, a row "
+                             f"whose offset from the suspect label's clean side, projected on "
+                             f"the trigger's estimated offset t, is at least repair x |t| has t "
+                             f"taken off), got {repair!r}")
+        if not (isinstance(repair_guard, (int, float)) and 0 < repair_guard <= 1):
+            raise ValueError(f"repair_guard must be in (0, 1] (the repair acts only while at "
+                             f"most this share of the other labels' training rows reaches the "
+                             f"repair level), got {repair_guard!r}")
+        if repair is not None and pool is not None:
+            raise ValueError("repair takes the trigger's offset off the features as they are: "
+                             "set pool to None (a pooled offset does not fit the full maps)")
         if level_threshold is not None and not (
                 isinstance(level_threshold, (int, float)) and math.isfinite(level_threshold)
                 and level_threshold > 0):
@@ -185,6 +211,11 @@ class LabelSieve(nn.Module):
         self.view, self.row_rule = view, row_rule
         self.level_threshold = None if level_threshold is None else float(level_threshold)
         self.level_margin = float(level_margin)
+        self.repair = None if repair is None else float(repair)
+        self.repair_guard = float(repair_guard)
+        if self.repair is not None:  # what the evaluation needs, saved with the model
+            for name in REPAIR_BUFFERS:
+                self.register_buffer(name, torch.zeros(0))
         self.labels: torch.Tensor | None = None
         self.plain_rows: torch.Tensor | None = None  # the next forward's unaugmented features
         self.capturing: list | None = None  # set while HandLabels runs the unaugmented pass
@@ -197,7 +228,8 @@ class LabelSieve(nn.Module):
                     row_margin=self.row_margin, action=self.action,
                     unlearn_weight=self.unlearn_weight, view=self.view,
                     row_rule=self.row_rule, level_threshold=self.level_threshold,
-                    level_margin=self.level_margin)
+                    level_margin=self.level_margin, repair=self.repair,
+                    repair_guard=self.repair_guard)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -213,6 +245,17 @@ class LabelSieve(nn.Module):
         self.flagged_last: torch.Tensor | None = None  # bool mask of the last batch's rows
         self.suspect = torch.zeros(self.classes, dtype=torch.bool)  # labels flagged so far
         self.streak = torch.zeros(self.classes, dtype=torch.long)  # net batches each label led
+        if self.repair is not None:
+            for name in REPAIR_BUFFERS:
+                setattr(self, name, torch.zeros(0, device=getattr(self, name).device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """The repair's buffers take the saved shapes (they are sized by the first batch)."""
+        if self.repair is not None:
+            for name in REPAIR_BUFFERS:
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.zeros_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- the statistics ------------------------------------------------------------------------
 
@@ -450,7 +493,7 @@ class LabelSieve(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return features
+            return features if self.repair is None else self.repaired(features)
         if self.capturing is not None:
             self.capture(features)
             return features
@@ -483,6 +526,8 @@ class LabelSieve(nn.Module):
         sides = self.flagged_sides() if self.steps > self.warmup else None
         if sides is not None:
             flagged = self.foreign_rows(rows, labels, sides)
+            if self.repair is not None and (sides >= 0).any():
+                self.update_repair(rows, labels, sides)
         self.flagged_last = flagged
         if not flagged.any() or self.action != "hold":  # the other actions act on the loss
             return features
@@ -560,6 +605,57 @@ class LabelSieve(nn.Module):
             to_other = torch.minimum(to_other, to_labels.min(1).values)
         flagged[suspect] = to_other < self.row_margin * to_own
         return flagged
+
+    # -- the repair at evaluation ---------------------------------------------------------------
+
+    def along_offset(self, rows: torch.Tensor, offset: torch.Tensor,
+                     clean: torch.Tensor) -> torch.Tensor:
+        """Each row's offset from the clean side projected on the trigger's offset t, in units
+        of |t| (1: the row sits where the flagged side's trigger puts it)."""
+        return ((rows - clean) @ offset) / (offset @ offset).clamp(min=1e-12)
+
+    def update_repair(self, rows: torch.Tensor, labels: torch.Tensor,
+                      sides: torch.Tensor) -> None:
+        """Keep the suspect label's clean side and the trigger's estimated offset for the
+        evaluation, and the running share of the other labels' rows at or over the repair
+        level: where it is large, the offset is a direction clean images take as well (measured
+        on BadNets' patch at ``layer2``: 41-44% of clean test rows), so taking it off would
+        change clean predictions, and the guard turns the repair off."""
+        label = int(torch.nonzero(sides >= 0)[0])
+        offset = self.trigger_offsets(sides)[label]
+        clean = self._state["side_mean"][label, 1 - int(sides[label])]
+        if not bool(offset.any()):
+            return
+        others = rows[labels != label]
+        if len(others):
+            share = (self.along_offset(others, offset, clean) >= self.repair).double().mean()
+            old = self.repair_outside
+            self.repair_outside = (share if old.numel() == 0 else
+                                   old + self.momentum * (share - old)).to(old.device).float()
+        self.repair_offset = offset.float().to(self.repair_offset.device)
+        self.repair_clean = clean.float().to(self.repair_clean.device)
+
+    def repair_active(self) -> bool:
+        """Whether the evaluation takes the offset off: a label was suspect in training and the
+        guard lets it (at most ``repair_guard`` of the other labels' rows reach the level)."""
+        return (self.repair is not None and self.repair_offset.numel() > 0
+                and self.repair_outside.numel() > 0
+                and float(self.repair_outside) <= self.repair_guard)
+
+    def repaired(self, features: torch.Tensor) -> torch.Tensor:
+        """Evaluation: the rows whose projection on the trigger's estimated offset t reaches
+        ``repair`` × |t| have t taken off; every other row passes unchanged. Row by row, so a
+        prediction never depends on its batch."""
+        if not self.repair_active():
+            return features
+        rows = features.flatten(1)
+        if rows.shape[1] != self.repair_offset.numel():
+            raise ValueError(f"LabelSieve's repair was fitted on rows of "
+                             f"{self.repair_offset.numel()} features and got "
+                             f"{rows.shape[1]}: evaluate the model it trained with")
+        offset = self.repair_offset.to(rows.dtype)
+        hit = self.along_offset(rows, offset, self.repair_clean.to(rows.dtype)) >= self.repair
+        return (rows - hit.unsqueeze(1).to(rows.dtype) * offset).view_as(features)
 
     def _filter_output(self, module, inputs, output):
         """Forward hook installed by :func:`sieve` on the module it follows."""

@@ -66,15 +66,23 @@ class SieveDefense(Defense):
     # ``level_threshold: null`` (one tier; the level margin then means nothing and is read as 1)
     level_threshold: float | None = 0.75
     level_margin: float = 1.1
+    # at evaluation, take the trigger's estimated offset off the rows that carry it (docs/SIEVE.md,
+    # "The repair at evaluation"); None: the layer is the identity at evaluation. The guard
+    # means nothing without it and is read as its default then
+    repair: float | None = None
+    repair_guard: float = 0.2
 
     later_settings = {"statistic": "mixing", "row_margin": 1.0, "action": "hold",
                       "unlearn_weight": 1.0, "view": "augmented", "row_rule": "foreign",
-                      "level_threshold": None, "level_margin": 1.0}
+                      "level_threshold": None, "level_margin": 1.0, "repair": None,
+                      "repair_guard": 0.2}
 
     def __post_init__(self):
         LabelSieve(3, **self.layer_settings())  # validate now, not after the data set has loaded
         if self.level_threshold is None:
             self.level_margin = 1.0  # no second tier: one run, one key, whatever margin is named
+        if self.repair is None:
+            self.repair_guard = 0.2  # no repair: the guard guards nothing
 
     def changed_settings(self) -> list[str]:
         """As every defense's, less the level margin of a sieve without the second tier."""
@@ -89,7 +97,8 @@ class SieveDefense(Defense):
                     statistic=self.statistic, row_margin=self.row_margin,
                     action=self.action, unlearn_weight=self.unlearn_weight, view=self.view,
                     row_rule=self.row_rule, level_threshold=self.level_threshold,
-                    level_margin=self.level_margin)
+                    level_margin=self.level_margin, repair=self.repair,
+                    repair_guard=self.repair_guard)
 
     def prepare_model(self, model):
         sieve(model, self.after, class_count(model), **self.layer_settings())
