@@ -1,6 +1,6 @@
 """Where each trigger's feature shift lies with and without the label sieve (docs/SIEVE.md, "The
 mechanism"): for every attack with a sieve run at the defense's defaults, or at them with the row
-rule or the tiers before they were chosen (10% poison, seed 0, the grids' budget) and an undefended
+rule or the tiers before they were chosen, or with the repair at evaluation (10% poison, seed 0, the grids' budget) and an undefended
 run of the same setup, both analysed by `eigenguard analyze`, the trigger's mean feature shift
 f(x + t) − f(x) against the clean features' spread (`shift_to_spread`) at each stage, the share of it in the clean
 top 16 directions at `layer4`, and the poison label's two-means split accuracy at `layer2`, where
@@ -52,13 +52,18 @@ def variant(config: dict) -> str | None:
     rule = settings.pop("row_rule", earlier["row_rule"])
     tiers = {"level_threshold": settings.pop("level_threshold", earlier["level_threshold"]),
              "level_margin": settings.pop("level_margin", earlier["level_margin"])}
+    repair = settings.pop("repair", earlier["repair"])
+    guard = settings.pop("repair_guard", earlier["repair_guard"])
     defaults = {field.name: field.default for field in dataclasses.fields(SieveDefense)}
     if not all(defaults.get(name) == value for name, value in settings.items()):
         return None
+    if guard != defaults["repair_guard"]:
+        return None
+    suffix = "" if repair is None else f", repair {repair:g}"
     if tiers["level_threshold"] is None:
-        return f"{rule}, one tier"
+        return f"{rule}, one tier{suffix}"
     if all(defaults[name] == value for name, value in tiers.items()):
-        return f"{rule}, two tiers"
+        return f"{rule}, two tiers{suffix}"
     return None
 
 
