@@ -7,8 +7,9 @@ on, runs the layers before the sieve once more on the batch's unaugmented images
 ``view="plain"``; no gradient, buffers restored) and, with the default ``action="unlearn"``,
 replaces the flagged rows' loss by the unlearning loss (the rows of the suspect label that the
 foreign rule or the side rule flags: the default ``row_rule="either"``). The layer is the
-identity at evaluation, so the model is batch-independent and the standard ``triggered``
-protocol applies.
+identity at evaluation (with ``repair`` set, a row-by-row repair: the trigger's estimated offset
+taken off the rows that carry it), so the model is batch-independent and the standard
+``triggered`` protocol applies.
 The training samples the layer flagged in the last epoch are the defense's detection (the
 harness scores them against the poison it knows).
 """
