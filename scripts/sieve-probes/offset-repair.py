@@ -1,4 +1,4 @@
-"""Offline probe behind docs/SIEVE.md ("Removing the trigger's offset at evaluation"): replay a
+"""Offline probe behind docs/SIEVE.md ("The repair at evaluation"): replay a
 stored *sieve* run's training with its defense, then, with the layer's final running state
 (the suspect label, its clean side, the trigger's estimated offset t: the flagged side's mean
 less the mean of the other labels' means), score on the test split what a per-row filter at
@@ -31,22 +31,22 @@ class Filter:
     """A forward hook on the sieve: rewrites the rows at evaluation by ``mode``."""
 
     def __init__(self, layer, target: int):
+        self.layer = layer
         state = layer._state
         side = int(layer.flagged_sides()[target])
         self.offset = layer.trigger_offsets(layer.flagged_sides())[target].float()
         self.clean = state["side_mean"][target, 1 - side].float()
-        self.unit = self.offset / self.offset.norm()
         self.mode, self.level = "none", 0.0
         self.scores: list[torch.Tensor] = []
 
     def __call__(self, _module, _inputs, output):
         rows = output.flatten(1).float()
-        along = (rows - self.clean) @ self.unit  # offset from the clean side along t
-        self.scores.append(along / self.offset.norm())
+        along = self.layer.along_offset(rows, self.offset, self.clean)  # in units of |t|
+        self.scores.append(along)
         if self.mode == "project":
-            rows = rows - along[:, None] * self.unit
+            rows = rows - along[:, None] * self.offset
         elif self.mode == "subtract":
-            rows = rows - (along / self.offset.norm() >= self.level).float()[:, None] * self.offset
+            rows = rows - (along >= self.level).float()[:, None] * self.offset
         return rows.view_as(output).to(output.dtype)
 
 

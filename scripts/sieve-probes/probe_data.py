@@ -60,21 +60,7 @@ def replay_training(key: str, make_hook):
     """Replay a stored run's training (same poisoned set, seeds, schedule and augmentation) with
     the hook ``make_hook(model, poisoned, info)`` builds, until the hook raises
     :class:`ReplayOver` or training ends. Returns (config, poisoned set, hook)."""
-    store = ResultStore("results/results.sqlite")
-    run = store.find_runs(key)[0]
-    config = RunConfig.from_dict(run.config)
-    splits = load_run_splits(run, None)[1]
-    poisoned = poison_training_set(load_run_attack(store, run), config, splits.train)
-    info = dataset_info(config.dataset)
-    torch.manual_seed(stream_seed(config.seed, "init"))
-    model = build_model(config, splits.train)
-    hook = make_hook(model, poisoned, info)
-    try:
-        train(model, poisoned.data, config.train, seed=stream_seed(config.seed, "train"),
-              augmentation=Augmentation(info.crop_padding, info.flip), hooks=[hook],
-              progress=False)
-    except ReplayOver:
-        pass
+    config, _, _, poisoned, _, hook = replay(key, make_hook)
     return config, poisoned, hook
 
 
@@ -82,6 +68,12 @@ def replay_defended(key: str, make_hook):
     """Replay a stored run's training *with its defense's layers* (a defense that trains once
     with one hook, as the sieve does), the hook ``make_hook(model, poisoned)`` builds handing
     the batches over. Returns (config, splits, attack, poisoned set, model, hook)."""
+    return replay(key, lambda model, poisoned, info: make_hook(model, poisoned), defended=True)
+
+
+def replay(key: str, make_hook, defended: bool = False):
+    """The replay both of the above run: the model plain or as the run's defense prepares it.
+    Returns (config, splits, attack, poisoned set, model, hook)."""
     store = ResultStore("results/results.sqlite")
     run = store.find_runs(key)[0]
     config = RunConfig.from_dict(run.config)
@@ -90,11 +82,16 @@ def replay_defended(key: str, make_hook):
     poisoned = poison_training_set(attack, config, splits.train)
     info = dataset_info(config.dataset)
     torch.manual_seed(stream_seed(config.seed, "init"))
-    model = config.build_defense().prepare_model(build_model(config, splits.train))
-    hook = make_hook(model, poisoned)
-    train(model, poisoned.data, config.train, seed=stream_seed(config.seed, "train"),
-          augmentation=Augmentation(info.crop_padding, info.flip), hooks=[hook],
-          progress=False)
+    model = build_model(config, splits.train)
+    if defended:
+        model = config.build_defense().prepare_model(model)
+    hook = make_hook(model, poisoned, info)
+    try:
+        train(model, poisoned.data, config.train, seed=stream_seed(config.seed, "train"),
+              augmentation=Augmentation(info.crop_padding, info.flip), hooks=[hook],
+              progress=False)
+    except ReplayOver:
+        pass
     return config, splits, attack, poisoned, model, hook
 
 
